@@ -1,0 +1,50 @@
+"""einrewrite: rewrite the dense linear layers of a PyTorch model into structured einsum layers.
+
+The structure space and its taxonomy come from arXiv 2410.02117 (Potapczynski et al., NeurIPS 2024).
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    BudgetInfeasibleError,
+    EinrewriteError,
+    ExportError,
+    InvalidThetaError,
+    NoTargetsError,
+    PaddingError,
+    SavedModelError,
+    StructureMismatchError,
+    TraceError,
+)
+from .init import mup_std, param_groups, project_weight
+from .layers import EinsumLinear
+from .spec import EinsumSpec, Sizes, factorize
+from .structures import STRUCTURES, register_structure, structure
+from .theta import Theta, parse_theta
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STRUCTURES",
+    "BudgetInfeasibleError",
+    "EinrewriteError",
+    "EinsumLinear",
+    "EinsumSpec",
+    "ExportError",
+    "InvalidThetaError",
+    "NoTargetsError",
+    "PaddingError",
+    "SavedModelError",
+    "Sizes",
+    "StructureMismatchError",
+    "Theta",
+    "TraceError",
+    "__version__",
+    "factorize",
+    "mup_std",
+    "param_groups",
+    "parse_theta",
+    "project_weight",
+    "register_structure",
+    "structure",
+]

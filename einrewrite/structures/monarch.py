@@ -1,0 +1,35 @@
+"""Monarch: block-diagonal, transpose, block-diagonal; θ = (½|0|½|0|½|½|0) at the default block count.
+
+Sizes: γ = φ = blocks, α = ⌈d_in / blocks⌉, ε = ⌈d_out / blocks⌉, β = δ = ρ = 1 (the BTT fast path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..spec import EinsumSpec, factorize
+from ._base import check_positive_int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Monarch:
+    """Two block-diagonal stages with ``blocks`` blocks each (default: ≈ √d_in, exact where possible)."""
+
+    name: ClassVar[str] = "monarch"
+    blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.blocks is not None:
+            check_positive_int(self.name, "blocks", self.blocks)
+
+    def bind(self, d_in: int, d_out: int) -> EinsumSpec:
+        """Sizes (⌈d_in/b⌉, 1, b, 1, ⌈d_out/b⌉, b, 1)."""
+        blocks = self.blocks if self.blocks is not None else factorize(d_in, (0.5, 0.5), what="d_in")[1]
+        sizes = (-(-d_in // blocks), 1, blocks, 1, -(-d_out // blocks), blocks, 1)
+        return EinsumSpec.from_sizes(sizes, d_in, d_out, name=self.name, hyper={"blocks": blocks})
+
+    @classmethod
+    def example(cls) -> Monarch:
+        """An instance for registry-wide tests."""
+        return cls()
