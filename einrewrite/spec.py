@@ -358,6 +358,12 @@ class EinsumSpec:
         except (KeyError, TypeError) as e:
             raise StructureMismatchError(f"not a valid EinsumSpec dict ({e!r}): {data!r}") from None
 
+    def build(self, weight: Any, bias: Any = None, *, init: str = "project", zero_last: bool = False) -> Any:
+        """The module for this spec from a dense (d_out, d_in) ``weight`` and ``bias``: an EinsumLinear."""
+        from .layers import EinsumLinear  # layers imports spec
+
+        return EinsumLinear.from_weight(weight, bias, self, init=init, zero_last=zero_last)  # type: ignore[arg-type]
+
     def describe(self) -> str:
         """One line: name, hyper-parameters, θ and sizes."""
         hyper = ", ".join(f"{k}={v}" for k, v in self.hyper)

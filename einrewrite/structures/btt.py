@@ -6,11 +6,16 @@ Sizes: (α, γ) split d_in with shares (in_split, 1-in_split), (ε, φ) split d_
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ..spec import EinsumSpec, factorize
 from ._base import check_fraction, check_positive_int
+
+# (θα, θε) splits the budget solver tries, from the paper's BTT points (paper-notes §1.4).
+_SPLITS = ((0.5, 0.5), (1 / 3, 2 / 3), (2 / 3, 1 / 3), (0.25, 0.75), (0.75, 0.25))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,6 +40,14 @@ class BTT:
         return EinsumSpec.from_sizes(
             (alpha, 1, gamma, 1, epsilon, phi, self.rank), d_in, d_out, name=self.name, hyper=hyper
         )
+
+    @classmethod
+    def search_space(cls, d_in: int, d_out: int) -> Iterator[BTT]:
+        """Ranks up to √min(d_in, d_out) over a grid of θ splits (the paper's full- and low-rank BTT points)."""
+        max_rank = max(1, math.isqrt(min(d_in, d_out)))
+        for in_split, out_split in _SPLITS:
+            for rank in range(1, max_rank + 1):
+                yield cls(rank=rank, in_split=in_split, out_split=out_split)
 
     @classmethod
     def example(cls) -> BTT:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,6 +19,11 @@ class Dense:
     def bind(self, d_in: int, d_out: int) -> EinsumSpec:
         """The spec of a dense (d_out, d_in) weight."""
         return EinsumSpec(Theta(0, 0, 1, 0, 0, 1, 0), d_in, d_out, name=self.name)
+
+    @classmethod
+    def search_space(cls, d_in: int, d_out: int) -> Iterator[Dense]:
+        """Every hyper-parameter choice for a (d_in, d_out) layer (for the budget solver)."""
+        yield cls()
 
     @classmethod
     def example(cls) -> Dense:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +25,11 @@ class Kronecker:
     def bind(self, d_in: int, d_out: int) -> EinsumSpec:
         """Sizes (α, β, 1, δ, ε, 1, 1) with α·β ≥ d_in and δ·ε ≥ d_out."""
         return EinsumSpec.from_sizes(kronecker_sizes(d_in, d_out, 1), d_in, d_out, name=self.name)
+
+    @classmethod
+    def search_space(cls, d_in: int, d_out: int) -> Iterator[Kronecker]:
+        """Kronecker has no hyper-parameter."""
+        yield cls()
 
     @classmethod
     def example(cls) -> Kronecker:

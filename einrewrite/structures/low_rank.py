@@ -5,6 +5,7 @@ Sizes: α = d_in, ε = d_out, ρ = rank, the rest 1.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,6 +34,12 @@ class LowRank:
         return EinsumSpec.from_sizes(
             (d_in, 1, 1, 1, d_out, 1, self.rank), d_in, d_out, name=self.name, hyper={"rank": self.rank}
         )
+
+    @classmethod
+    def search_space(cls, d_in: int, d_out: int) -> Iterator[LowRank]:
+        """Every rank from 1 to min(d_in, d_out)."""
+        for rank in range(1, min(d_in, d_out) + 1):
+            yield cls(rank=rank)
 
     @classmethod
     def example(cls) -> LowRank:

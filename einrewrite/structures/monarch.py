@@ -5,6 +5,7 @@ Sizes: γ = φ = blocks, α = ⌈d_in / blocks⌉, ε = ⌈d_out / blocks⌉, β
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,6 +29,12 @@ class Monarch:
         blocks = self.blocks if self.blocks is not None else factorize(d_in, (0.5, 0.5), what="d_in")[1]
         sizes = (-(-d_in // blocks), 1, blocks, 1, -(-d_out // blocks), blocks, 1)
         return EinsumSpec.from_sizes(sizes, d_in, d_out, name=self.name, hyper={"blocks": blocks})
+
+    @classmethod
+    def search_space(cls, d_in: int, d_out: int) -> Iterator[Monarch]:
+        """Every block count from 2 to d_in // 2 (padding is checked when each is bound)."""
+        for blocks in range(2, max(2, d_in // 2) + 1):
+            yield cls(blocks=blocks)
 
     @classmethod
     def example(cls) -> Monarch:

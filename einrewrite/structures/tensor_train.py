@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +25,13 @@ class TensorTrain:
         """Kronecker sizes with ρ = rank."""
         sizes = kronecker_sizes(d_in, d_out, self.rank)
         return EinsumSpec.from_sizes(sizes, d_in, d_out, name=self.name, hyper={"rank": self.rank})
+
+    @classmethod
+    def search_space(cls, d_in: int, d_out: int) -> Iterator[TensorTrain]:
+        """Every bond up to the smaller private axis (the canonical region's limit)."""
+        sizes = kronecker_sizes(d_in, d_out, 1)
+        for rank in range(1, min(sizes[0], sizes[4]) + 1):
+            yield cls(rank=rank)
 
     @classmethod
     def example(cls) -> TensorTrain:
