@@ -6,16 +6,29 @@ Sizes: γ = φ = blocks, α = ⌈d_in / blocks⌉, ε = ⌈d_out / blocks⌉, β
 from __future__ import annotations
 
 from collections.abc import Iterator
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..spec import EinsumSpec, factorize
+from ..spec import EinsumSpec
 from ._base import check_positive_int
+
+
+def default_blocks(d_in: int, d_out: int) -> int:
+    """The block count near √d_in that pads both sides least (ties: closer to √d_in, then more blocks)."""
+    root = math.sqrt(d_in)
+
+    def score(blocks: int) -> tuple[float, float, int]:
+        pad_in = -(-d_in // blocks) * blocks / d_in - 1
+        pad_out = -(-d_out // blocks) * blocks / d_out - 1
+        return (round(max(pad_in, pad_out), 6), round(abs(math.log(blocks / root)), 6), -blocks)
+
+    return min(range(max(1, math.floor(root / 2)), math.ceil(root * 2) + 1), key=score)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Monarch:
-    """Two block-diagonal stages with ``blocks`` blocks each (default: ≈ √d_in, exact where possible)."""
+    """Two block-diagonal stages with ``blocks`` blocks each (default: ≈ √d_in, padding both sides least)."""
 
     name: ClassVar[str] = "monarch"
     blocks: int | None = None
@@ -26,7 +39,7 @@ class Monarch:
 
     def bind(self, d_in: int, d_out: int) -> EinsumSpec:
         """Sizes (⌈d_in/b⌉, 1, b, 1, ⌈d_out/b⌉, b, 1)."""
-        blocks = self.blocks if self.blocks is not None else factorize(d_in, (0.5, 0.5), what="d_in")[1]
+        blocks = self.blocks if self.blocks is not None else default_blocks(d_in, d_out)
         sizes = (-(-d_in // blocks), 1, blocks, 1, -(-d_out // blocks), blocks, 1)
         return EinsumSpec.from_sizes(sizes, d_in, d_out, name=self.name, hyper={"blocks": blocks})
 
