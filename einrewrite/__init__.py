@@ -16,6 +16,7 @@ from .errors import (
     StructureMismatchError,
     TraceError,
 )
+from .export import ExportReport, export_onnx
 from .init import mup_std, param_groups, project_weight
 from .layers import EinsumLinear
 from .spec import EinsumSpec, Sizes, factorize
@@ -30,6 +31,7 @@ __all__ = [
     "EinrewriteError",
     "EinsumLinear",
     "EinsumSpec",
+    "ExportReport",
     "ExportError",
     "InvalidThetaError",
     "NoTargetsError",
@@ -40,6 +42,7 @@ __all__ = [
     "Theta",
     "TraceError",
     "__version__",
+    "export_onnx",
     "factorize",
     "mup_std",
     "param_groups",

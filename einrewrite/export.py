@@ -1,0 +1,337 @@
+"""ONNX export of structured models, checked by onnx.checker and by ONNX Runtime against PyTorch.
+
+Structured layers lower to MatMul / Reshape / Transpose chains (their contractions are batched matmuls, see
+:mod:`einrewrite.contraction`), never to a raw ``Einsum`` node, which ONNX Runtime runs slowly and rejects in
+bf16 (ecosystem-notes §3.2). Execution providers are always explicit, and nodes that an accelerator provider
+left to the CPU are reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .errors import ExportError
+
+__all__ = ["ExportReport", "export_onnx", "onnxruntime_session", "resolve_providers"]
+
+log = logging.getLogger(__name__)
+
+_PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (2e-2, 2e-2)}  # (atol, rtol) of the parity check
+_STRUCTURED_CLASSES = ("EinsumLinear", "BTTMoELinear")
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` did: the file, its ops, where ONNX Runtime placed them, and the parity check."""
+
+    path: str
+    dtype: str
+    opset: int
+    op_counts: dict[str, int]
+    einsum_nodes: list[str] = field(default_factory=list)
+    providers_requested: list[str] = field(default_factory=list)
+    providers_used: list[str] = field(default_factory=list)
+    placement: dict[str, int] = field(default_factory=dict)  # execution provider -> number of nodes
+    fallback_nodes: list[str] = field(default_factory=list)  # nodes an accelerator EP left to the CPU
+    checked: bool = False
+    max_abs_diff: float | None = None
+    atol: float | None = None
+    rtol: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        ops = ", ".join(f"{k}×{v}" for k, v in sorted(self.op_counts.items(), key=lambda kv: -kv[1]))
+        lines = [f"ONNX {self.path} ({self.dtype}, opset {self.opset}): {sum(self.op_counts.values())} nodes: {ops}"]
+        if self.providers_used:
+            placed = ", ".join(f"{k}: {v}" for k, v in self.placement.items())
+            lines.append(f"providers {self.providers_used}; nodes per provider: {placed or 'n/a'}")
+        if self.fallback_nodes:
+            lines.append(f"WARNING: {len(self.fallback_nodes)} nodes fell back to CPU: {self.fallback_nodes[:10]}")
+        if self.checked:
+            lines.append(
+                f"parity with PyTorch: max |diff| = {self.max_abs_diff:.3g} (atol {self.atol:g}, rtol {self.rtol:g})"
+            )
+        return "\n".join(lines)
+
+
+def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
+    """Normalise ``"cpu"``/``"cuda"``/full names and check that ONNX Runtime has them.
+
+    Raises:
+        ExportError: a requested provider is not available in the installed onnxruntime.
+    """
+    import onnxruntime as ort
+
+    if providers is None:
+        providers = ["CPUExecutionProvider"]
+    elif isinstance(providers, str):
+        providers = [providers]
+    names = [_PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
+    if names[0] == "CUDAExecutionProvider" and "CPUExecutionProvider" not in names:
+        names.append("CPUExecutionProvider")
+    available = ort.get_available_providers()
+    missing = [p for p in names if p not in available]
+    if missing:
+        hint = (
+            "install einrewrite[gpu] (onnxruntime-gpu) instead of einrewrite[ort]; the two cannot live together"
+            if "CUDAExecutionProvider" in missing
+            else "check the provider name"
+        )
+        raise ExportError(f"execution provider(s) {missing} not available; onnxruntime has {available}: {hint}")
+    return names
+
+
+def onnxruntime_session(path: str | Path, providers: Sequence[str] | str | None = None, *, threads: int | None = None) -> Any:
+    """An ``InferenceSession`` with explicit providers and node-placement recording switched on."""
+    import onnxruntime as ort
+
+    names = resolve_providers(providers)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=names)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ExportError(f"ONNX Runtime refused {path} with providers {names}: {e}") from e
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | Tensor,
+    path: str | Path,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_axes: bool = True,
+    dtype: Literal["float32", "float16"] = "float32",
+    check: bool = True,
+    providers: Sequence[str] | str | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    opset: int | None = None,
+) -> ExportReport:
+    """Export ``model`` to ONNX with the torch dynamo exporter and check it.
+
+    Args:
+        model: any module, structured or not; it is copied, never modified.
+        example_inputs: positional inputs (a tensor or a tuple).
+        path: where to write the ``.onnx`` file (weights may go to ``path + ".data"``).
+        example_kwargs: keyword inputs (e.g. ``{"use_cache": False}`` for Hugging Face models).
+        dynamic_axes: every axis of every input is dynamic except the feature (last) axis of float inputs,
+            so batch and sequence length may change at run time.
+        dtype: ``"float32"`` or ``"float16"`` (the model and its float inputs are cast).
+        check: run the model in ONNX Runtime and compare with PyTorch (fp32: atol 1e-4; fp16: 2e-2).
+        providers: execution providers for the check, e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]``
+            or ``"cuda"``; default CPU.
+        atol: override the parity tolerance.
+        rtol: override the relative parity tolerance.
+        opset: ONNX opset (default: the exporter's).
+
+    Returns:
+        An :class:`ExportReport`; ``report.summary()`` prints it.
+
+    Raises:
+        ExportError: the exporter failed (the message names the op), the checker or ONNX Runtime rejected the
+            model, or the outputs differ from PyTorch.
+
+    Examples:
+        >>> import torch, einrewrite as er
+        >>> layer = er.EinsumLinear(er.structure("btt", 64, 64, rank=2))
+        >>> report = er.export_onnx(layer, (torch.randn(2, 8, 64),), "/tmp/btt.onnx")  # doctest: +SKIP
+    """
+    import onnx
+
+    if dtype not in _TOLERANCES:
+        raise ExportError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    names = resolve_providers(providers) if check else []
+    work = copy.deepcopy(model).eval()
+    if dtype == "float16":
+        work = work.half()
+        args, kwargs = _cast_floats((args, kwargs), torch.float16)
+    dynamic = _dynamic_shapes(work, args, kwargs) if dynamic_axes else None
+    program = _run_exporter(work, args, kwargs, dynamic, opset)
+    program.save(str(path))
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # onnx.checker.ValidationError and friends
+        raise ExportError(f"onnx.checker rejected {path}: {e}") from e
+    proto = onnx.load(str(path), load_external_data=False)
+    report = ExportReport(
+        path=str(path),
+        dtype=dtype,
+        opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0),
+        op_counts=dict(Counter(n.op_type for n in _all_nodes(proto))),
+        einsum_nodes=[_node_label(n) for n in _all_nodes(proto) if n.op_type == "Einsum"],
+    )
+    structured_einsums = [n for n in report.einsum_nodes if any(c in n for c in _STRUCTURED_CLASSES)]
+    if structured_einsums:
+        raise ExportError(
+            f"structured layers exported raw Einsum nodes {structured_einsums}; they must lower to MatMul chains "
+            "(ONNX Runtime runs Einsum slowly and rejects it in bf16): this is an einrewrite bug, please report it"
+        )
+    if check:
+        default_atol, default_rtol = _TOLERANCES[dtype]
+        report.atol = default_atol if atol is None else atol
+        report.rtol = default_rtol if rtol is None else rtol
+        _check_with_onnxruntime(work, args, kwargs, report, names)
+    log.info("%s", report.summary())
+    return report
+
+
+def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
+    return tree_map(lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, tree)
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Dim.AUTO on every axis but the feature axis of float tensors; integer tensors (ids) fully dynamic."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(value: Any) -> Any:
+        if not isinstance(value, Tensor) or value.ndim == 0:
+            return None
+        axes = range(value.ndim - 1) if value.is_floating_point() else range(value.ndim)
+        return {i: auto for i in axes}
+
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    import inspect
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+_OP_PATTERNS = (
+    re.compile(r"OpOverload\(op='([^']+)'"),
+    re.compile(r"No (?:ONNX function|decomposition) found for[^\w]*([\w.:]+)"),
+    re.compile(r"\b(aten::\w+|aten\.\w+(?:\.\w+)?)"),
+)
+
+
+def _run_exporter(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Any, opset: int | None) -> Any:
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), warnings_silenced():
+            return torch.onnx.export(
+                model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
+                verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types; report the op it could not handle
+        text = f"{e}"
+        op = next((m.group(1) for p in _OP_PATTERNS if (m := p.search(text))), None)
+        where = f" at op {op}" if op else ""
+        first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+        raise ExportError(
+            f"ONNX export of {type(model).__name__} failed{where}: {first}. Export the model before rewriting "
+            "to see whether the failure is in the original model, exclude the layer that uses the op, or "
+            "register a translation for it (torch.onnx custom_translation_table)"
+        ) from e
+
+
+@contextlib.contextmanager
+def warnings_silenced() -> Any:
+    """Silence the exporter's chatty warnings and logs for the duration."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = logging.getLogger("torch.onnx").level
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.getLogger("torch.onnx").setLevel(previous)
+
+
+def _all_nodes(proto: Any) -> list[Any]:
+    nodes = list(proto.graph.node)
+    for function in proto.functions:
+        nodes.extend(function.node)
+    return nodes
+
+
+def _node_label(node: Any) -> str:
+    scope = " ".join(p.value for p in node.metadata_props if "class_hierarchy" in p.key or "name_scopes" in p.key)
+    return f"{node.name} {scope}".strip()
+
+
+def _check_with_onnxruntime(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], report: ExportReport, providers: list[str]
+) -> None:
+    session = onnxruntime_session(report.path, providers)
+    report.providers_requested = providers
+    report.providers_used = list(session.get_providers())
+    if providers[0] not in report.providers_used:
+        raise ExportError(
+            f"ONNX Runtime did not start {providers[0]} for {report.path} (it uses {report.providers_used}); "
+            "check the CUDA/cuDNN installation or choose --provider cpu"
+        )
+    _record_placement(session, report, providers[0])
+    feeds = _feeds(session, args, kwargs)
+    with torch.no_grad():
+        expected = [t.detach().float().numpy() for t in tree_leaves(model(*args, **kwargs)) if isinstance(t, Tensor)]
+    got = session.run(None, feeds)
+    if len(got) != len(expected):
+        raise ExportError(f"ONNX model {report.path} has {len(got)} outputs but PyTorch returned {len(expected)}")
+    worst = 0.0
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        g = np.asarray(g, dtype=np.float32)
+        if g.shape != e.shape:
+            raise ExportError(f"ONNX output {i} of {report.path} has shape {g.shape}, PyTorch {e.shape}")
+        diff = np.abs(g - e)
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+        assert report.atol is not None and report.rtol is not None
+        if diff.size and not np.all(diff <= report.atol + report.rtol * np.abs(e)):
+            raise ExportError(
+                f"ONNX Runtime output {i} of {report.path} differs from PyTorch: max |diff| = {float(diff.max()):.3g} "
+                f"> atol {report.atol:g} + rtol {report.rtol:g}·|expected| ({report.dtype}); the export is not faithful"
+            )
+    report.checked = True
+    report.max_abs_diff = worst
+
+
+def _feeds(session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+    inputs = session.get_inputs()
+    if len(inputs) != len(tensors):
+        raise ExportError(f"the ONNX model takes {len(inputs)} inputs but {len(tensors)} example tensors were given")
+    return {spec.name: t.detach().cpu().numpy() for spec, t in zip(inputs, tensors, strict=True)}
+
+
+def _record_placement(session: Any, report: ExportReport, primary: str) -> None:
+    try:
+        assigned = session.get_provider_graph_assignment_info()
+    except AttributeError:  # older onnxruntime: placement unknown
+        return
+    counts: Counter[str] = Counter()
+    for subgraph in assigned:
+        nodes = list(subgraph.get_nodes())
+        counts[subgraph.ep_name] += len(nodes)
+        if primary != "CPUExecutionProvider" and subgraph.ep_name == "CPUExecutionProvider":
+            report.fallback_nodes.extend(f"{n.op_type}:{n.name}" for n in nodes)
+    report.placement = dict(counts)
+    if report.fallback_nodes:
+        log.warning("%d nodes fell back from %s to CPU: %s", len(report.fallback_nodes), primary, report.fallback_nodes[:10])
