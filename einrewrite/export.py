@@ -232,23 +232,49 @@ _OP_PATTERNS = (
 
 
 def _run_exporter(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Any, opset: int | None) -> Any:
+    """torch.export first (to know which module owns a failing op), then the ONNX translation."""
     sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink), warnings_silenced():
-            return torch.onnx.export(
-                model, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
-                verbose=False,
-            )
-    except Exception as e:  # the exporter raises many types; report the op it could not handle
-        text = f"{e}"
-        op = next((m.group(1) for p in _OP_PATTERNS if (m := p.search(text))), None)
-        where = f" at op {op}" if op else ""
-        first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
-        raise ExportError(
-            f"ONNX export of {type(model).__name__} failed{where}: {first}. Export the model before rewriting "
-            "to see whether the failure is in the original model, exclude the layer that uses the op, or "
-            "register a translation for it (torch.onnx custom_translation_table)"
-        ) from e
+    with contextlib.redirect_stdout(sink), warnings_silenced():
+        try:
+            program = torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=dynamic, strict=False)
+        except Exception as e:  # torch.export raises many types
+            raise ExportError(
+                f"torch.export could not capture {type(model).__name__}: {_first_line(e)}. The model must be "
+                "exportable (no data-dependent Python control flow); see torch.export's troubleshooting guide"
+            ) from e
+        try:
+            return torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
+        except Exception as e:  # the ONNX translation raises many types; name the op and its module
+            text = _ANSI.sub("", f"{e}")
+            op = next((m.group(1) for p in _OP_PATTERNS if (m := p.search(text))), None)
+            where = f" at op {op}" if op else ""
+            owner = _owner_of(program, op) if op else None
+            if owner:
+                where += f" in layer {owner!r}"
+            raise ExportError(
+                f"ONNX export of {type(model).__name__} failed{where}: {_first_line(e)}. Export the model before "
+                "rewriting to see whether the failure is in the original model, exclude the layer that uses the "
+                "op, or register a translation for it (torch.onnx custom_translation_table)"
+            ) from e
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_line(error: BaseException) -> str:
+    text = _ANSI.sub("", f"{error}").strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _owner_of(program: Any, op: str) -> str | None:
+    """The FQN of the module whose forward called ``op`` in the exported program, if any."""
+    wanted = op.replace("::", ".")
+    for node in program.graph.nodes:
+        if node.op == "call_function" and wanted in str(node.target).replace("::", "."):
+            stack = node.meta.get("nn_module_stack") or {}
+            if stack:
+                return str(list(stack.values())[-1][0]) or None
+    return None
 
 
 @contextlib.contextmanager
