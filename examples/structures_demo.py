@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from einrewrite import STRUCTURES, EinrewriteError
-from einrewrite.cli.table import format_table
+from einrewrite.tables import format_table
 
 # Hyper-parameters for the demo where a structure's example is too small to be interesting at d = 1024.
 DEMO_HYPER: dict[str, dict[str, object]] = {
