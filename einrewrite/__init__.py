@@ -17,7 +17,22 @@ from .errors import (
     TraceError,
 )
 from .export import ExportReport, export_onnx
+from .api import (
+    Inspection,
+    LoadedModel,
+    ModelSourceError,
+    default_example_inputs,
+    inspect_model,
+    load_model,
+    load_pretrained,
+    rewrite,
+    save_pretrained,
+)
+from .budget import LayerChoice, LayerRequest, candidate_specs, solve, solve_layer
+from .config import ConfigError, FlopBudget, LayerOverride, RewriteConfig
 from .init import mup_std, param_groups, project_weight
+from .passes import DEFAULT_PIPELINE, BypassedLayerError, VerificationError
+from .report import Decision, RewriteReport
 from .layers import EinsumLinear
 from .spec import EinsumSpec, Sizes, factorize
 from .structures import STRUCTURES, register_structure, structure
@@ -26,6 +41,29 @@ from .theta import Theta, parse_theta
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_PIPELINE",
+    "BypassedLayerError",
+    "ConfigError",
+    "Decision",
+    "FlopBudget",
+    "Inspection",
+    "LayerChoice",
+    "LayerOverride",
+    "LayerRequest",
+    "LoadedModel",
+    "ModelSourceError",
+    "RewriteConfig",
+    "RewriteReport",
+    "VerificationError",
+    "candidate_specs",
+    "default_example_inputs",
+    "inspect_model",
+    "load_model",
+    "load_pretrained",
+    "rewrite",
+    "save_pretrained",
+    "solve",
+    "solve_layer",
     "STRUCTURES",
     "BudgetInfeasibleError",
     "EinrewriteError",
