@@ -1,15 +1,35 @@
 """How a structured layer's contraction runs: the one place that talks to opt_einsum.
 
-Two executions exist. The BTT family (β = δ = 1) runs as two batched matmuls in a feature-major layout that
-reads the input in place and never copies activations (performance-notes.md). Every other θ runs as two
-pairwise einsums whose order (input meets A first, or B first) is chosen once, at construction, by opt_einsum's
-cost on the real shapes; weights-first orders are excluded because they rebuild the dense matrix.
+Every non-dense layer computes ``y[n,φ,ε,δ] = Σ B[φ,ε,γ,ρ,β] · A[γ,ρ,φ,δ,α] · x[n,γ,β,α]`` (``spec.EQUATION``)
+as two pairwise contractions, the input meeting one core first (``"xA"`` or ``"xB"``; weights-first orders
+are excluded because they rebuild the dense matrix). Each contraction is lowered to one ``torch.bmm`` on
+reshaped and permuted *views*, with letter orders chosen so that activations are never copied: the time of
+these small batched GEMMs goes into moving activations, not into arithmetic (performance-notes.md).
+
+* The BTT family (β = δ = 1: Monarch, BTT, low rank) works feature-major: the input is read in place as a
+  batch of (α, N) blocks, the intermediate is (γ, ρφ, N) and the output (φ, ε, N) is returned as a
+  transposed (N, d_out) view. A hand-written backward keeps the same layouts (autograd's would copy the
+  intermediate's gradient when ρ > 1). Without gradients the same code runs as plain tensor ops, so
+  ``torch.export`` and ONNX see only MatMul / Reshape / Transpose.
+* Every other θ (Kronecker, tensor-train, generic points) runs a program found by a small search over bmm
+  lowerings (which letters form the batch, which operand is on the left, the order of the weight's letters):
+  the cheapest by FLOPs plus copied elements, where weights may be re-arranged (a copy the size of a core)
+  but activations should not be.
+
+Plans are cached per spec, per token bucket (the token count rounded up to a power of two) and per input
+layout (token-major ``(N, d)`` or feature-major, as a structured layer's output is).
+
+Letters follow ``spec.EQUATION = "ngba,grfda,fegrb->nfed"``: n tokens, a α, b β, g γ, d δ, e ε, f φ, r ρ.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import opt_einsum
 import torch
@@ -17,44 +37,172 @@ from torch import Tensor
 
 from .spec import EinsumSpec
 
-__all__ = ["ContractionPlan", "btt_forward", "plan_contraction", "run"]
+__all__ = ["ContractionPlan", "btt_forward", "plan_contraction", "run", "token_bucket"]
+
+InputLayout = Literal["token", "feature"]
 
 # Activation-first pairwise orders of "x, A, B" as opt_einsum paths.
 _ORDERS = {"xA": [(0, 1), (0, 1)], "xB": [(0, 2), (0, 1)]}
+_X, _A, _B, _Y = "ngba", "grfda", "fegrb", "nfed"  # operand letters of spec.EQUATION
+_GREEK = {"n": "N", "a": "α", "b": "β", "g": "γ", "d": "δ", "e": "ε", "f": "φ", "r": "ρ"}
+# Copying one activation element costs about as much time as this many FLOPs of a small batched GEMM
+# (a copy streams 8 bytes at ~30 GB/s on the 2-core reference machine, the GEMMs run at 60-100 GFLOP/s).
+_FLOPS_PER_COPIED_ELEMENT = 16
+
+
+def token_bucket(tokens: int) -> int:
+    """The power of two at or above ``tokens``: plans are cached per bucket.
+
+    Examples:
+        >>> token_bucket(1), token_bucket(5), token_bucket(4096)
+        (1, 8, 4096)
+    """
+    return 1 << max(0, int(tokens) - 1).bit_length()
+
+
+# ---- the plan --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Stage:
+    """One pairwise contraction lowered to ``torch.bmm``; every field but the flags holds letters.
+
+    The activation is permuted to ``batch + act_free + contract`` and reshaped to a (bt, rows, cols)
+    matrix batch; the weight is permuted (and, for batch letters it lacks, broadcast) to match; the product
+    is the contiguous tensor whose dimensions are ``out``.
+    """
+
+    weight: str  # "A" or "B"
+    weight_letters: str  # the core's non-unit letters, in parameter order
+    batch: str
+    act_free: str
+    contract: str
+    weight_free: str
+    act_left: bool  # bmm(act, w) when True, else bmm(w, actᵀ)
+    act_copied: bool  # the activation's reshape copies it (no copy-free view exists)
+    weight_copied: int  # elements of the re-arranged weight, 0 when it is a view of the parameter
+    out: str
+
+    def describe(self) -> str:
+        """``[γ](ε×γρ)·(γρ×δN)``-style text: batch, then the two matrices in bmm order."""
+
+        def g(letters: str) -> str:
+            return "".join(_GREEK[c] for c in letters) or "1"
+
+        act = f"({g(self.act_free)}×{g(self.contract)})" if self.act_left else f"({g(self.contract)}×{g(self.act_free)})"
+        w = f"{self.weight}({g(self.contract)}×{g(self.weight_free)})" if self.act_left else (
+            f"{self.weight}({g(self.weight_free)}×{g(self.contract)})"
+        )
+        body = f"{act}·{w}" if self.act_left else f"{w}·{act}"
+        copied = " [copies activation]" if self.act_copied else ""
+        return f"[{g(self.batch)}]{body}{copied}"
 
 
 @dataclass(frozen=True)
 class ContractionPlan:
-    """The chosen execution of one layer: ``kind`` is "dense", "bmm" or "einsum"."""
+    """The chosen execution of one layer at one token bucket.
+
+    Attributes:
+        kind: ``"dense"`` (one matmul), ``"bmm"`` (BTT family, feature-major with a hand-written backward) or
+            ``"matmul"`` (any other θ: a searched program of two bmm calls).
+        order: which core the input meets first, ``"xA"`` or ``"xB"``.
+        steps: the two pairwise contractions as einsum strings, in execution order.
+        cost: opt_einsum's FLOP count of the chosen order, per token.
+        tokens: the token bucket the plan was made for.
+        layout: the input layout the plan was made for, ``"token"`` or ``"feature"``.
+        copied_per_token: activation elements copied per token (input, intermediate, output).
+        weight_copied: elements of re-arranged weights per call (independent of the token count).
+        stages: the bmm lowering of each step (``"matmul"`` plans; the BTT kernel is fixed).
+        out_layout: layout of the returned (N, d_out) tensor, ``"token"`` or ``"feature"``.
+        optimal: opt_einsum's unrestricted optimal path at this token count, for the record.
+    """
 
     kind: str
     order: str
     steps: tuple[str, ...]
-    cost: int  # opt_einsum's FLOP count of the chosen order, per token
+    cost: int
+    tokens: int = 1
+    layout: str = "token"
+    copied_per_token: int = 0
+    weight_copied: int = 0
+    stages: tuple[_Stage, ...] = ()
+    out_layout: str = "token"
+    optimal: str = ""
+
+    @property
+    def total_cost(self) -> int:
+        """FLOPs of one call at the planned token bucket, with copies counted at their FLOP equivalent."""
+        return self.tokens * (self.cost + _FLOPS_PER_COPIED_ELEMENT * self.copied_per_token) + (
+            _FLOPS_PER_COPIED_ELEMENT * self.weight_copied
+        )
 
     def describe(self) -> str:
-        """Short text for reports."""
-        if self.kind == "einsum":
-            return f"einsum {self.order}: " + " ; ".join(self.steps)
-        return self.kind
+        """One line for reports: the kind, the order and the lowering of each step, and the cost.
+
+        Examples:
+            >>> from einrewrite import structure
+            >>> plan_contraction(structure("monarch", 1024, 1024), 4096).describe()
+            'bmm xA feature-major: [γ]A(ρφ×α)·(α×N) ; [φ]B(ε×γρ)·(γρ×N) | 131,072 FLOPs/token, 0 copied/token'
+        """
+        if self.kind == "dense":
+            return f"dense x@Wᵀ | {self.cost:,} FLOPs/token"
+        if self.kind == "bmm":
+            body = "[γ]A(ρφ×α)·(α×N) ; [φ]B(ε×γρ)·(γρ×N)"
+            return f"bmm {self.order} feature-major: {body} | {self.cost:,} FLOPs/token, 0 copied/token"
+        body = " ; ".join(s.describe() for s in self.stages)
+        text = (
+            f"matmul {self.order} {self.out_layout}-major out: {body} | {self.cost:,} FLOPs/token, "
+            f"{self.copied_per_token:,} copied/token"
+        )
+        return text + (f", {self.weight_copied:,} weight elements re-arranged" if self.weight_copied else "")
+
+
+def plan_contraction(spec: EinsumSpec, tokens: int = 1, *, layout: InputLayout = "token") -> ContractionPlan:
+    """Choose how ``spec`` runs on ``tokens`` input rows; cached per (spec, token bucket, input layout).
+
+    opt_einsum prices both activation-first orders on the real shapes (token count included); the cheaper
+    one is lowered to batched matmuls, preferring letter orders that copy no activation.
+
+    Args:
+        spec: the bound structure.
+        tokens: number of input rows (rounded up to a power of two for caching).
+        layout: ``"token"`` for a row-major (N, d_in) input, ``"feature"`` for its transpose seen as (N, d_in).
+
+    Returns:
+        The plan; ``plan.describe()`` is one line for reports.
+
+    Examples:
+        >>> from einrewrite import structure
+        >>> plan = plan_contraction(structure("kronecker", 1024, 1024), 4096)
+        >>> plan.kind, plan.order, plan.copied_per_token
+        ('matmul', 'xA', 0)
+    """
+    return _plan(spec, token_bucket(tokens), layout)
 
 
 @functools.lru_cache(maxsize=4096)
-def plan_contraction(spec: EinsumSpec, tokens: int = 1) -> ContractionPlan:
-    """Choose how ``spec`` runs; cached per (spec, tokens)."""
+def _plan(spec: EinsumSpec, tokens: int, layout: str) -> ContractionPlan:
     if spec.is_dense:
-        return ContractionPlan("dense", "x@W.T", (spec.equation,), 2 * spec.macs)
+        return ContractionPlan("dense", "x@W.T", (spec.equation,), 2 * spec.macs, tokens, layout, out_layout="token")
     shapes = _operand_shapes(spec, tokens)
-    best: tuple[int, str, tuple[str, ...]] | None = None
+    _, best_info = opt_einsum.contract_path(spec.equation, *shapes, shapes=True, optimize="optimal")
+    optimal = " ; ".join(entry[2] for entry in best_info.contraction_list)
+    size = _sizes(spec, tokens)
+    choices = []
     for order, path in _ORDERS.items():
         _, info = opt_einsum.contract_path(spec.equation, *shapes, shapes=True, optimize=path)
         steps = _steps_in_operand_order(spec.equation, order, [entry[2] for entry in info.contraction_list])
-        cost = int(info.opt_cost) // max(tokens, 1)
-        if best is None or cost < best[0]:
-            best = (cost, order, steps)
-    assert best is not None
-    kind = "bmm" if spec.is_btt and best[1] == "xA" else "einsum"
-    return ContractionPlan(kind, best[1], best[2], best[0])
+        flops = int(info.opt_cost)
+        if spec.is_btt and order == "xA":
+            program: tuple[int, int, tuple[_Stage, ...], str] = (0, 0, (), "feature")
+        else:
+            program = _lower(order, layout, size)
+        copied, w_copied, stages, out_layout = program
+        total = flops + _FLOPS_PER_COPIED_ELEMENT * (tokens * copied + w_copied)
+        choices.append((total, order, steps, flops // tokens, copied, w_copied, stages, out_layout))
+    total, order, steps, cost, copied, w_copied, stages, out_layout = min(choices, key=lambda c: (c[0], c[1]))
+    kind = "bmm" if spec.is_btt and order == "xA" else "matmul"
+    return ContractionPlan(
+        kind, order, steps, cost, tokens, layout, copied, w_copied, stages, out_layout, optimal
+    )
 
 
 def _steps_in_operand_order(equation: str, order: str, steps: list[str]) -> tuple[str, str]:
@@ -71,22 +219,208 @@ def _operand_shapes(spec: EinsumSpec, tokens: int) -> list[tuple[int, ...]]:
     return [(tokens, g, b, a), spec.core_shapes["A"], spec.core_shapes["B"]]
 
 
-def run(spec: EinsumSpec, plan: ContractionPlan, x: Tensor, cores: dict[str, Tensor]) -> Tensor:
-    """Apply the structured weight to ``x`` of shape (N, d_in); returns (N, d_out), possibly strided."""
+def _sizes(spec: EinsumSpec, tokens: int) -> dict[str, int]:
+    a, b, g, d, e, f, r = spec.sizes
+    return {"n": tokens, "a": a, "b": b, "g": g, "d": d, "e": e, "f": f, "r": r}
+
+
+# ---- lowering a pairwise contraction to bmm (planning time: pure index arithmetic) ------------------------
+@dataclass(frozen=True)
+class _Dims:
+    """A tensor whose dimensions are einsum letters: their order, sizes and strides (in elements)."""
+
+    letters: str
+    sizes: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    @classmethod
+    def contiguous(cls, letters: str, size: Mapping[str, int]) -> _Dims:
+        sizes = tuple(size[c] for c in letters)
+        strides = [1] * len(sizes)
+        for i in range(len(sizes) - 2, -1, -1):
+            strides[i] = strides[i + 1] * sizes[i + 1]
+        return cls(letters, sizes, tuple(strides))
+
+    def size(self, letter: str) -> int:
+        return self.sizes[self.letters.index(letter)]
+
+    def stride(self, letter: str) -> int:
+        return self.strides[self.letters.index(letter)]
+
+
+def _merge(dims: _Dims, order: str) -> tuple[int, int] | None:
+    """(size, stride) of ``order``'s letters seen as one dimension, or None if that needs a copy."""
+    live = [c for c in order if dims.size(c) != 1]
+    if not live:
+        return 1, 1
+    for outer, inner in itertools.pairwise(live):
+        if dims.stride(outer) != dims.size(inner) * dims.stride(inner):
+            return None
+    return math.prod(dims.size(c) for c in live), dims.stride(live[-1])
+
+
+def _by_stride(dims: _Dims, letters: Iterable[str]) -> str:
+    """Letters outermost first: the only order in which they can merge into one dimension."""
+    return "".join(sorted(letters, key=lambda c: (-dims.stride(c), dims.letters.index(c))))
+
+
+def _blas_ok(rows: tuple[int, int], cols: tuple[int, int]) -> bool:
+    """BLAS reads a matrix in place when one stride is 1 (torch's test in ``bmm_out_or_baddbmm_``)."""
+    (r_size, r_stride), (c_size, c_stride) = rows, cols
+    if r_size == 1 or c_size == 1:
+        return True
+    return (c_stride == 1 and r_stride >= c_size) or (r_stride == 1 and c_stride >= r_size)
+
+
+def _weight_copy(w: _Dims, target: str, rows: str, cols: str, size: Mapping[str, int]) -> int:
+    """Elements materialized to present weight ``w`` as (batch, rows, cols) in letter order ``target``."""
+    numel = math.prod(size[c] for c in target)
+    if any(c not in w.letters and size[c] > 1 for c in target):
+        return numel  # broadcast over a batch letter the weight lacks: reshape copies
+    perm = _Dims(target, tuple(w.size(c) for c in target), tuple(w.stride(c) for c in target))
+    batch = target[: len(target) - len(rows) - len(cols)]
+    merged = [_merge(perm, group) for group in (batch, rows, cols)]
+    if any(m is None for m in merged) or not _blas_ok(merged[1], merged[2]):  # type: ignore[arg-type]
+        return numel
+    return 0
+
+
+def _stage_options(
+    act: _Dims, weight: str, w_letters: str, keep: str, size: Mapping[str, int]
+) -> Iterator[tuple[int, _Stage, _Dims]]:
+    """Every bmm lowering of ``act`` × weight, as (activation elements copied per token, stage, result)."""
+    w = _Dims.contiguous(w_letters, size)
+    shared = [c for c in act.letters if c in w_letters]
+    batch_letters = [c for c in shared if c in keep]
+    contract_letters = [c for c in shared if c not in keep]
+    free_letters = [c for c in act.letters if c not in w_letters]
+    w_free_letters = [c for c in w_letters if c not in act.letters]
+    per_token = math.prod(act.sizes) // size["n"]
+    # Activation letters other than n may join the batch (the weight is then broadcast over them).
+    optional = [c for c in free_letters if c != "n"]
+    for k in range(len(optional) + 1):
+        for extra in itertools.combinations(optional, k):
+            for copied in (False, True):
+                if copied and extra:
+                    continue
+                held = act
+                if copied:  # the activation is first copied into (batch, free, contract) order
+                    held = _Dims.contiguous("".join(batch_letters + free_letters + contract_letters), size)
+                batch = _by_stride(held, [*batch_letters, *extra])
+                free = _by_stride(held, [c for c in free_letters if c not in extra])
+                contract = _by_stride(held, contract_letters)
+                merged = [_merge(held, group) for group in (batch, free, contract)]
+                if any(m is None for m in merged) or not _blas_ok(merged[1], merged[2]):  # type: ignore[arg-type]
+                    continue
+                for w_free in itertools.permutations(w_free_letters):
+                    wf = "".join(w_free)
+                    for act_left in (True, False):
+                        rows, cols = (contract, wf) if act_left else (wf, contract)
+                        w_copied = _weight_copy(w, batch + rows + cols, rows, cols, size)
+                        out = batch + (free + wf if act_left else wf + free)
+                        stage = _Stage(weight, w_letters, batch, free, contract, wf, act_left, copied, w_copied, out)
+                        yield (per_token if copied else 0), stage, _Dims.contiguous(out, size)
+
+
+def _lower(order: str, layout: str, size: Mapping[str, int]) -> tuple[int, int, tuple[_Stage, ...], str]:
+    """The cheapest two-stage bmm program: (copied per token, weight elements copied, stages, output layout)."""
+
+    def live(letters: str) -> str:
+        return "".join(c for c in letters if c == "n" or size[c] > 1)
+
+    x_letters = live(_X)
+    if layout == "feature":  # (N, d_in) seen transposed: n has unit stride
+        feat = _Dims.contiguous(x_letters[1:] + "n", size)
+        x = _Dims(x_letters, tuple(size[c] for c in x_letters), tuple(feat.stride(c) for c in x_letters))
+    else:
+        x = _Dims.contiguous(x_letters, size)
+    first, second = (("A", _A), ("B", _B)) if order == "xA" else (("B", _B), ("A", _A))
+    z_keep = "".join(c for c in "ngbafedr" if c in _X + first[1] and c in second[1] + _Y)
+    y_features = live(_Y)[1:]
+    best: tuple[tuple[int, ...], tuple[int, int, tuple[_Stage, ...], str]] | None = None
+    for copied1, stage1, z in _stage_options(x, first[0], live(first[1]), live(z_keep), size):
+        for copied2, stage2, y in _stage_options(z, second[0], live(second[1]), live(_Y), size):
+            flat = _merge(y, _by_stride(y, y_features)) is not None and _by_stride(y, y_features) == y_features
+            out_copied = 0 if flat else math.prod(size[c] for c in y_features)
+            copied = copied1 + copied2 + out_copied
+            w_copied = stage1.weight_copied + stage2.weight_copied
+            feature_out = y.stride("n") == 1 and size["n"] > 1
+            batches = sum(math.prod(size[c] for c in s.batch) for s in (stage1, stage2))
+            key = (
+                size["n"] * copied + w_copied,
+                batches,  # fewer, larger GEMMs first
+                0 if feature_out else 1,
+            )
+            if best is None or key < best[0]:
+                best = (key, (copied, w_copied, (stage1, stage2), "feature" if feature_out else "token"))
+    assert best is not None  # the copying options always apply
+    return best[1]
+
+
+# ---- execution ---------------------------------------------------------------------------------------------
+def run(
+    spec: EinsumSpec, plan: ContractionPlan, x: Tensor, cores: Mapping[str, Tensor], bias: Tensor | None = None
+) -> Tensor:
+    """Apply the structured weight (and ``bias``) to ``x`` of shape (N, d_in); returns (N, d_out).
+
+    The result may be a strided view (feature-major: ``y.t()`` is contiguous); the next layer reads it in
+    place. ``plan`` is the layer's plan; a plan for ``x``'s token bucket and layout replaces it when they
+    differ (cached; under ``torch.compile`` the given plan is used as is).
+
+    Args:
+        spec: the bound structure.
+        plan: a plan for ``spec``, from :func:`plan_contraction`.
+        x: the input, (N, d_in), token-major or feature-major (other strides are copied first).
+        cores: the parameters by name, as in ``spec.core_shapes``.
+        bias: optional (d_out,) bias added to the result.
+
+    Returns:
+        (N, d_out) tensor.
+
+    Examples:
+        >>> import torch
+        >>> from einrewrite import EinsumLinear, structure
+        >>> layer = EinsumLinear(structure("kronecker", 64, 64))
+        >>> y = run(layer.spec, layer.plan, torch.randn(5, 64), layer.cores())
+        >>> y.shape
+        torch.Size([5, 64])
+    """
+    n = x.shape[0]
     if plan.kind == "dense":
-        return x @ cores["weight"].t()  # (N, d_out)
+        w = cores["weight"]
+        return x @ w.t() if bias is None else torch.addmm(bias, x, w.t())  # (N, d_out)
+    layout = _layout_of(x)
+    if layout is None:
+        x, layout = x.contiguous(), "token"  # (N, d_in): arbitrary strides are copied once
+    if not torch.compiler.is_compiling() and (plan.tokens != token_bucket(n) or plan.layout != layout):
+        plan = plan_contraction(spec, n, layout=layout)
     pad = spec.sizes.in_size - spec.d_in
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))  # (N, in_size): padded features are zeros
     if plan.kind == "bmm":
-        y = btt_forward(x, cores["A"], cores["B"], spec)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or cores["A"].requires_grad or cores["B"].requires_grad
+        )
+        y = _BTT.apply(x, cores["A"], cores["B"], spec.sizes) if needs_grad else btt_forward(
+            x, cores["A"], cores["B"], spec
+        )
     else:
-        a, b, g, _, _, _, _ = spec.sizes
-        xs = x.reshape(x.shape[0], g, b, a)  # (N, γ, β, α)
-        first, second = (cores["A"], cores["B"]) if plan.order == "xA" else (cores["B"], cores["A"])
-        z = torch.einsum(plan.steps[0], xs, first)  # the input meets one core
-        y = torch.einsum(plan.steps[1], z, second).reshape(x.shape[0], spec.sizes.out_size)  # (N, φεδ)
-    return y[:, : spec.d_out] if spec.sizes.out_size != spec.d_out else y
+        y = _run_program(plan.stages, x, cores, _sizes(spec, n))
+    if spec.sizes.out_size != spec.d_out:
+        y = y[:, : spec.d_out]  # (N, d_out) view
+    return y if bias is None else y + bias
+
+
+def _layout_of(x: Tensor) -> InputLayout | None:
+    """"token" for a row-major (N, d) tensor, "feature" for the transpose of a row-major (d, N) one."""
+    n, d = x.shape
+    if x.is_contiguous():
+        return "token"
+    if x.t().is_contiguous():
+        return "feature"
+    if n == 1 or d == 1:
+        return "token"
+    return None
 
 
 def btt_forward(x: Tensor, A: Tensor, B: Tensor, spec: EinsumSpec) -> Tensor:
@@ -94,6 +428,15 @@ def btt_forward(x: Tensor, A: Tensor, B: Tensor, spec: EinsumSpec) -> Tensor:
 
     Every operand is read in place: BLAS accepts a matrix whose rows or columns have unit stride, so the
     permuted views below cost no copies. The result is the (φ, ε, N) product seen as (N, φε).
+
+    Args:
+        x: (N, γα) input, token-major or feature-major.
+        A: (γ, ρ, φ, 1, α) core.
+        B: (φ, ε, γ, ρ, 1) core.
+        spec: a spec with β = δ = 1.
+
+    Returns:
+        (N, φε) view of a contiguous (φ, ε, N) tensor.
     """
     a, _, g, _, e, f, r = spec.sizes
     n = x.shape[0]
@@ -102,3 +445,95 @@ def btt_forward(x: Tensor, A: Tensor, B: Tensor, spec: EinsumSpec) -> Tensor:
     zt = z.reshape(g * r, f, n).transpose(0, 1)  # (φ, γρ, N) view
     y = torch.bmm(B.reshape(f, e, g * r), zt)  # (φ, ε, N)
     return y.reshape(f * e, n).t()  # (N, φε) view
+
+
+class _BTT(torch.autograd.Function):
+    """BTT forward (:func:`btt_forward`) with a backward that keeps every activation gradient copy-free.
+
+    Autograd's own backward would reshape the intermediate's gradient from (φ, γρ, N) to (γ, ρφ, N), a
+    copy when ρ > 1. Here the stage-2 core is re-arranged instead (a copy the size of the core), so the
+    gradient comes out as (φ, ρ, γ, N), which is (γ, φρ, N) as a view, and stage 1's core is re-arranged to
+    (γ, φρ, α) to match.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, A: Tensor, B: Tensor, sizes: tuple[int, ...]) -> Tensor:
+        a, _, g, _, e, f, r = sizes
+        n = x.shape[0]
+        xt = x.reshape(n, g, a).permute(1, 2, 0)  # (γ, α, N) view
+        z = torch.bmm(A.reshape(g, r * f, a), xt)  # (γ, ρφ, N)
+        zt = z.reshape(g * r, f, n).transpose(0, 1)  # (φ, γρ, N) view
+        y = torch.bmm(B.reshape(f, e, g * r), zt)  # (φ, ε, N)
+        ctx.save_for_backward(x, A, B, z)
+        ctx.sizes = sizes
+        return y.reshape(f * e, n).t()  # (N, φε) view
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, A, B, z = ctx.saved_tensors
+        a, _, g, _, e, f, r = ctx.sizes
+        n = x.shape[0]
+        need_x, need_a, need_b, _ = ctx.needs_input_grad
+        gy = grad.t().reshape(f, e, n)  # (φ, ε, N): a view for token- or feature-major grads
+        gx = ga = gb = None
+        if need_b:
+            zt = z.reshape(g * r, f, n).transpose(0, 1)  # (φ, γρ, N) view
+            gb = torch.bmm(zt, gy.transpose(1, 2)).transpose(1, 2).reshape(B.shape)  # (φ, ε, γρ)
+        if need_x or need_a:
+            if r == 1:
+                b_t = B.reshape(f, e, g).transpose(1, 2)  # (φ, γ, ε) view
+                a_rows = A.reshape(g, f, a)  # (γ, φ, α) view
+            else:
+                b_t = B.reshape(f, e, g, r).permute(0, 3, 2, 1).reshape(f, r * g, e)  # (φ, ργ, ε) copy
+                a_rows = A.reshape(g, r, f, a).transpose(1, 2).reshape(g, f * r, a)  # (γ, φρ, α) copy
+            gz = torch.bmm(b_t, gy)  # (φ, ργ, N)
+            gz = gz.reshape(f, r, g, n).permute(2, 0, 1, 3).reshape(g, f * r, n)  # (γ, φρ, N) view
+            if need_x:
+                gx = torch.bmm(a_rows.transpose(1, 2), gz).reshape(g * a, n).t()  # (N, γα) view
+            if need_a:
+                xt = x.reshape(n, g, a).permute(1, 2, 0)  # (γ, α, N) view
+                ga_rows = torch.bmm(gz, xt.transpose(1, 2))  # (γ, φρ, α)
+                ga = ga_rows.reshape(g, f, r, a).transpose(1, 2).reshape(A.shape)  # (γ, ρ, φ, 1, α)
+        return gx, ga, gb, None
+
+
+def _run_program(stages: tuple[_Stage, ...], x: Tensor, cores: Mapping[str, Tensor], size: Mapping[str, int]) -> Tensor:
+    """Execute a searched two-stage bmm program on (N, in_size) ``x``; returns (N, out_size)."""
+    x_letters = "".join(c for c in _X if c == "n" or size[c] > 1)
+    act = x.reshape([size[c] for c in x_letters])  # (N, γ, β, α) minus unit axes; a view
+    letters = x_letters
+    for stage in stages:
+        act = _run_stage(stage, act, letters, cores[stage.weight], size)
+        letters = stage.out
+    y_letters = "".join(c for c in _Y if c == "n" or size[c] > 1)
+    y = act.permute([letters.index(c) for c in y_letters])  # (N, φ, ε, δ) minus unit axes
+    return y.reshape(size["n"], -1)  # (N, φεδ): a view when the program planned one
+
+
+def _run_stage(stage: _Stage, act: Tensor, letters: str, core: Tensor, size: Mapping[str, int]) -> Tensor:
+    """One bmm of ``stage``; ``act`` has dimensions ``letters``; returns a tensor with dimensions ``stage.out``."""
+
+    def prod(group: str) -> int:
+        total = 1
+        for c in group:  # a loop, not math.prod: torch.compile traces it with symbolic sizes
+            total = total * size[c]
+        return total
+
+    held = stage.batch + stage.act_free + stage.contract
+    act3 = act.permute([letters.index(c) for c in held]).reshape(
+        prod(stage.batch), prod(stage.act_free), prod(stage.contract)
+    )  # (batch, free, contract); a view unless the stage copies the activation
+    w = core.reshape([size[c] for c in stage.weight_letters])  # the core without unit axes
+    rows, cols = (stage.contract, stage.weight_free) if stage.act_left else (stage.weight_free, stage.contract)
+    target = stage.batch + rows + cols
+    w = w.permute([stage.weight_letters.index(c) for c in target if c in stage.weight_letters])
+    for i, c in enumerate(target):
+        if c not in stage.weight_letters:  # a batch letter of the activation only: broadcast the core
+            w = w.unsqueeze(i)
+            w = w.expand(*w.shape[:i], size[c], *w.shape[i + 1 :])
+    w3 = w.reshape(prod(stage.batch), prod(rows), prod(cols))  # (batch, rows, cols)
+    if stage.act_left:
+        out = torch.bmm(act3, w3)  # (batch, free, weight_free)
+    else:
+        out = torch.bmm(w3, act3.transpose(1, 2))  # (batch, weight_free, free)
+    return out.reshape([size[c] for c in stage.out])  # letters of stage.out; a view
