@@ -1,0 +1,102 @@
+"""ONNX export: every structure lowers to MatMul chains, matches PyTorch in ONNX Runtime, shapes stay dynamic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from einrewrite import STRUCTURES, EinsumLinear, EinsumSpec, ExportError, export_onnx, structure
+from einrewrite.export import onnxruntime_session
+
+EINSUM_NAMES = sorted(n for n in STRUCTURES if isinstance(STRUCTURES[n].example().bind(16, 16), EinsumSpec))
+
+
+def _ops(path: Path) -> set[str]:
+    proto = onnx.load(str(path), load_external_data=False)
+    return {n.op_type for n in proto.graph.node} | {n.op_type for f in proto.functions for n in f.node}
+
+
+@pytest.mark.parametrize("name", EINSUM_NAMES)
+def test_every_structure_exports_without_einsum_and_matches(name: str, tmp_path: Path) -> None:
+    layer = EinsumLinear(STRUCTURES[name].example().bind(24, 40))
+    with torch.no_grad():
+        layer.bias.normal_()
+    report = export_onnx(layer, (torch.randn(2, 5, 24),), tmp_path / "layer.onnx")
+    assert report.checked and report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+    assert "Einsum" not in _ops(tmp_path / "layer.onnx") and not report.einsum_nodes
+    assert "MatMul" in report.op_counts
+    # dynamic batch and sequence: run at shapes other than the export's
+    session = onnxruntime_session(tmp_path / "layer.onnx")
+    for shape in [(3, 7, 24), (1, 1, 24)]:
+        x = torch.randn(*shape)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), layer(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_float16_export_runs_in_onnxruntime(tmp_path: Path) -> None:
+    layer = EinsumLinear(structure("btt", 64, 96, rank=2))
+    report = export_onnx(layer, (torch.randn(4, 64),), tmp_path / "half.onnx", dtype="float16")
+    assert report.dtype == "float16" and report.checked
+    proto = onnx.load(str(tmp_path / "half.onnx"))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_model_is_not_modified(tmp_path: Path) -> None:
+    model = nn.Sequential(EinsumLinear(structure("monarch", 32, 32)), nn.ReLU())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, (torch.randn(3, 32),), tmp_path / "m.onnx", dtype="float16")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert next(model.parameters()).dtype == torch.float32
+
+
+@torch.library.custom_op("einrewrite_test::mystery", mutates_args=())
+def _mystery(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_mystery.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _Untranslatable(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _mystery(x)
+
+
+def test_exporter_failure_is_an_export_error_naming_the_op_and_layer(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 3), _Untranslatable())
+    with pytest.raises(ExportError, match=r"failed at op einrewrite_test[.:]+mystery\S* in layer '1'"):
+        export_onnx(model, (torch.randn(2, 3),), tmp_path / "bad.onnx")
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_untraceable_model_is_an_export_error(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"torch.export could not capture _DataDependent"):
+        export_onnx(_DataDependent(), (torch.randn(2, 3),), tmp_path / "dd.onnx")
+
+
+def test_unavailable_provider_is_a_clear_error(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    layer = EinsumLinear(structure("monarch", 16, 16))
+    with pytest.raises(ExportError, match=r"CUDAExecutionProvider.*not available.*einrewrite\[gpu\]"):
+        export_onnx(layer, (torch.randn(2, 16),), tmp_path / "c.onnx", providers="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_provider_fp16_parity(tmp_path: Path) -> None:
+    layer = EinsumLinear(structure("btt", 256, 256, rank=2))
+    report = export_onnx(layer, (torch.randn(8, 256),), tmp_path / "g.onnx", dtype="float16", providers="cuda")
+    assert report.providers_used[0] == "CUDAExecutionProvider"
+    assert report.checked
