@@ -1,7 +1,7 @@
 """ONNX export of structured models, checked by onnx.checker and by ONNX Runtime against PyTorch.
 
-Structured layers lower to MatMul / Reshape / Transpose chains (their contractions are batched matmuls, see
-:mod:`einrewrite.contraction`), never to a raw ``Einsum`` node, which ONNX Runtime runs slowly and rejects in
+Structured layers lower to MatMul / Reshape / Transpose chains with pre-arranged weights (see
+:mod:`einrewrite.lowering`), never to a raw ``Einsum`` node, which ONNX Runtime runs slowly and rejects in
 bf16 (ecosystem-notes §3.2). Execution providers are always explicit, and nodes that an accelerator provider
 left to the CPU are reported.
 """
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
+from .lowering import onnx_lowering
 
 __all__ = ["ExportReport", "export_onnx", "onnxruntime_session", "resolve_providers"]
 
@@ -173,7 +174,8 @@ def export_onnx(
         work = work.half()
         args, kwargs = _cast_floats((args, kwargs), torch.float16)
     dynamic = _dynamic_shapes(work, args, kwargs) if dynamic_axes else None
-    program = _run_exporter(work, args, kwargs, dynamic, opset)
+    with onnx_lowering(work):  # structured layers trace as MatMul chains with pre-arranged weights
+        program = _run_exporter(work, args, kwargs, dynamic, opset)
     program.save(str(path))
     try:
         onnx.checker.check_model(str(path))
