@@ -45,9 +45,16 @@ InputLayout = Literal["token", "feature"]
 _ORDERS = {"xA": [(0, 1), (0, 1)], "xB": [(0, 2), (0, 1)]}
 _X, _A, _B, _Y = "ngba", "grfda", "fegrb", "nfed"  # operand letters of spec.EQUATION
 _GREEK = {"n": "N", "a": "α", "b": "β", "g": "γ", "d": "δ", "e": "ε", "f": "φ", "r": "ρ"}
-# Copying one activation element costs about as much time as this many FLOPs of a small batched GEMM
-# (a copy streams 8 bytes at ~30 GB/s on the 2-core reference machine, the GEMMs run at 60-100 GFLOP/s).
-_FLOPS_PER_COPIED_ELEMENT = 16
+# Time of moving one activation element, in FLOPs of the small batched GEMMs (60-100 GFLOP/s on the 2-core
+# reference machine): a copy that a reshape cannot avoid is a transposition, 5-9 ms for 4M floats, about 100
+# FLOPs per element; summing a batch of weight gradients streams contiguously, about 20.
+_FLOPS_PER_COPIED_ELEMENT = 100
+_FLOPS_PER_REDUCED_ELEMENT = 20
+# Fixed cost of one GEMM of a batch (call and packing), in FLOP equivalents: per-token GEMMs of 32x32 blocks
+# run as fast as one large GEMM, per-token GEMMs of 4x4 blocks do not.
+_FLOPS_PER_GEMM = 4096
+# Token bucket of the plan used under torch.compile, which cannot re-plan per call.
+_COMPILE_TOKENS = 4096
 
 
 def token_bucket(tokens: int) -> int:
@@ -105,14 +112,18 @@ class ContractionPlan:
             ``"matmul"`` (any other θ: a searched program of two bmm calls).
         order: which core the input meets first, ``"xA"`` or ``"xB"``.
         steps: the two pairwise contractions as einsum strings, in execution order.
-        cost: opt_einsum's FLOP count of the chosen order, per token.
+        cost: opt_einsum's FLOP count of the chosen order, per token (forward).
         tokens: the token bucket the plan was made for.
         layout: the input layout the plan was made for, ``"token"`` or ``"feature"``.
-        copied_per_token: activation elements copied per token (input, intermediate, output).
-        weight_copied: elements of re-arranged weights per call (independent of the token count).
+        grad: whether the plan was chosen for forward + backward (else forward only).
+        copied_per_token: activation elements copied per token, forward plus backward if ``grad``.
+        reduced_per_token: elements per token of weight-gradient batches that autograd sums (``grad`` only).
+        weight_copied: elements of re-arranged weights (and summed weight gradients) per call.
         stages: the bmm lowering of each step (``"matmul"`` plans; the BTT kernel is fixed).
         out_layout: layout of the returned (N, d_out) tensor, ``"token"`` or ``"feature"``.
         optimal: opt_einsum's unrestricted optimal path at this token count, for the record.
+        compile_stages: the stages used under ``torch.compile``, which cannot re-plan per call: those of a
+            large token bucket (forward-only and training plans, in that order).
     """
 
     kind: str
@@ -121,18 +132,20 @@ class ContractionPlan:
     cost: int
     tokens: int = 1
     layout: str = "token"
+    grad: bool = False
     copied_per_token: int = 0
+    reduced_per_token: int = 0
     weight_copied: int = 0
     stages: tuple[_Stage, ...] = ()
     out_layout: str = "token"
     optimal: str = ""
+    compile_stages: tuple[tuple[_Stage, ...], tuple[_Stage, ...]] = ((), ())
 
     @property
     def total_cost(self) -> int:
-        """FLOPs of one call at the planned token bucket, with copies counted at their FLOP equivalent."""
-        return self.tokens * (self.cost + _FLOPS_PER_COPIED_ELEMENT * self.copied_per_token) + (
-            _FLOPS_PER_COPIED_ELEMENT * self.weight_copied
-        )
+        """Forward FLOPs of one call at the planned token bucket plus data movement at its FLOP equivalent."""
+        moved = _FLOPS_PER_COPIED_ELEMENT * self.copied_per_token + _FLOPS_PER_REDUCED_ELEMENT * self.reduced_per_token
+        return self.tokens * (self.cost + moved) + _FLOPS_PER_COPIED_ELEMENT * self.weight_copied
 
     def describe(self) -> str:
         """One line for reports: the kind, the order and the lowering of each step, and the cost.
@@ -155,16 +168,20 @@ class ContractionPlan:
         return text + (f", {self.weight_copied:,} weight elements re-arranged" if self.weight_copied else "")
 
 
-def plan_contraction(spec: EinsumSpec, tokens: int = 1, *, layout: InputLayout = "token") -> ContractionPlan:
-    """Choose how ``spec`` runs on ``tokens`` input rows; cached per (spec, token bucket, input layout).
+def plan_contraction(
+    spec: EinsumSpec, tokens: int = 1, *, layout: InputLayout = "token", grad: bool = False
+) -> ContractionPlan:
+    """Choose how ``spec`` runs on ``tokens`` input rows; cached per (spec, token bucket, layout, grad).
 
-    opt_einsum prices both activation-first orders on the real shapes (token count included); the cheaper
-    one is lowered to batched matmuls, preferring letter orders that copy no activation.
+    opt_einsum prices both activation-first orders on the real shapes (token count included); each is lowered
+    to batched matmuls, searching for letter orders that copy no activation (forward, and with ``grad`` also
+    autograd's backward, given a row-major output gradient), and the cheaper program wins.
 
     Args:
         spec: the bound structure.
         tokens: number of input rows (rounded up to a power of two for caching).
         layout: ``"token"`` for a row-major (N, d_in) input, ``"feature"`` for its transpose seen as (N, d_in).
+        grad: plan for forward + backward instead of forward only.
 
     Returns:
         The plan; ``plan.describe()`` is one line for reports.
@@ -175,13 +192,31 @@ def plan_contraction(spec: EinsumSpec, tokens: int = 1, *, layout: InputLayout =
         >>> plan.kind, plan.order, plan.copied_per_token
         ('matmul', 'xA', 0)
     """
-    return _plan(spec, token_bucket(tokens), layout)
+    return _plan(spec, token_bucket(tokens), layout, grad)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(spec: EinsumSpec, tokens: int, layout: str) -> ContractionPlan:
+def _plan(spec: EinsumSpec, tokens: int, layout: str, grad: bool) -> ContractionPlan:
     if spec.is_dense:
-        return ContractionPlan("dense", "x@W.T", (spec.equation,), 2 * spec.macs, tokens, layout, out_layout="token")
+        return ContractionPlan("dense", "x@W.T", (spec.equation,), 2 * spec.macs, tokens, layout, grad)
+    order, steps, cost, program, optimal = _choose(spec, tokens, layout, grad)
+    kind = "bmm" if spec.is_btt and order == "xA" else "matmul"
+    compile_stages: tuple[tuple[_Stage, ...], tuple[_Stage, ...]] = ((), ())
+    if kind == "matmul":
+        compile_stages = (
+            _choose(spec, _COMPILE_TOKENS, "token", False)[3].stages,
+            _choose(spec, _COMPILE_TOKENS, "token", True)[3].stages,
+        )
+    return ContractionPlan(
+        kind, order, steps, cost, tokens, layout, grad, program.copied, program.reduced, program.weight_copied,
+        program.stages,
+        program.out_layout, optimal, compile_stages,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(spec: EinsumSpec, tokens: int, layout: str, grad: bool) -> tuple[str, tuple[str, str], int, _Program, str]:
+    """(order, steps, forward FLOPs per token, program, opt_einsum's optimal path) of the cheapest order."""
     shapes = _operand_shapes(spec, tokens)
     _, best_info = opt_einsum.contract_path(spec.equation, *shapes, shapes=True, optimize="optimal")
     optimal = " ; ".join(entry[2] for entry in best_info.contraction_list)
@@ -191,18 +226,13 @@ def _plan(spec: EinsumSpec, tokens: int, layout: str) -> ContractionPlan:
         _, info = opt_einsum.contract_path(spec.equation, *shapes, shapes=True, optimize=path)
         steps = _steps_in_operand_order(spec.equation, order, [entry[2] for entry in info.contraction_list])
         flops = int(info.opt_cost)
-        if spec.is_btt and order == "xA":
-            program: tuple[int, int, tuple[_Stage, ...], str] = (0, 0, (), "feature")
+        if spec.is_btt and order == "xA":  # the fixed feature-major kernel: no copies, forward or backward
+            program = _Program(0.0, 0, 0, 0, (), "feature")
         else:
-            program = _lower(order, layout, size)
-        copied, w_copied, stages, out_layout = program
-        total = flops + _FLOPS_PER_COPIED_ELEMENT * (tokens * copied + w_copied)
-        choices.append((total, order, steps, flops // tokens, copied, w_copied, stages, out_layout))
-    total, order, steps, cost, copied, w_copied, stages, out_layout = min(choices, key=lambda c: (c[0], c[1]))
-    kind = "bmm" if spec.is_btt and order == "xA" else "matmul"
-    return ContractionPlan(
-        kind, order, steps, cost, tokens, layout, copied, w_copied, stages, out_layout, optimal
-    )
+            program = _lower(order, layout, size, grad)
+        choices.append(((3 if grad else 1) * flops + program.penalty, order, steps, flops // tokens, program))
+    _, order, steps, cost, program = min(choices, key=lambda c: (c[0], c[1]))
+    return order, steps, cost, program, optimal
 
 
 def _steps_in_operand_order(equation: str, order: str, steps: list[str]) -> tuple[str, str]:
@@ -249,7 +279,10 @@ class _Dims:
 
 
 def _merge(dims: _Dims, order: str) -> tuple[int, int] | None:
-    """(size, stride) of ``order``'s letters seen as one dimension, or None if that needs a copy."""
+    """(size, stride) of ``order``'s letters seen as one dimension, or None if that needs a copy.
+
+    Broadcast letters have stride 0 and merge with each other (a weight shared over a batch of tokens).
+    """
     live = [c for c in order if dims.size(c) != 1]
     if not live:
         return 1, 1
@@ -272,16 +305,22 @@ def _blas_ok(rows: tuple[int, int], cols: tuple[int, int]) -> bool:
     return (c_stride == 1 and r_stride >= c_size) or (r_stride == 1 and c_stride >= r_size)
 
 
+def _prod(size: Mapping[str, int], letters: str) -> int:
+    return math.prod(size[c] for c in letters)
+
+
 def _weight_copy(w: _Dims, target: str, rows: str, cols: str, size: Mapping[str, int]) -> int:
-    """Elements materialized to present weight ``w`` as (batch, rows, cols) in letter order ``target``."""
-    numel = math.prod(size[c] for c in target)
-    if any(c not in w.letters and size[c] > 1 for c in target):
-        return numel  # broadcast over a batch letter the weight lacks: reshape copies
-    perm = _Dims(target, tuple(w.size(c) for c in target), tuple(w.stride(c) for c in target))
+    """Elements materialized to present weight ``w`` as (batch, rows, cols) in letter order ``target``.
+
+    Batch letters the weight lacks are broadcast with stride 0: free when every batch letter is broadcast
+    (bmm reads a batch stride of 0), a copy otherwise (the batch letters cannot merge).
+    """
+    strides = tuple(w.stride(c) if c in w.letters else 0 for c in target)
+    view = _Dims(target, tuple(size[c] for c in target), strides)
     batch = target[: len(target) - len(rows) - len(cols)]
-    merged = [_merge(perm, group) for group in (batch, rows, cols)]
-    if any(m is None for m in merged) or not _blas_ok(merged[1], merged[2]):  # type: ignore[arg-type]
-        return numel
+    merged = [_merge(view, group) for group in (batch, rows, cols)]
+    if merged[0] is None or merged[1] is None or merged[2] is None or not _blas_ok(merged[1], merged[2]):
+        return _prod(size, target)
     return 0
 
 
@@ -296,10 +335,10 @@ def _stage_options(
     free_letters = [c for c in act.letters if c not in w_letters]
     w_free_letters = [c for c in w_letters if c not in act.letters]
     per_token = math.prod(act.sizes) // size["n"]
-    # Activation letters other than n may join the batch (the weight is then broadcast over them).
-    optional = [c for c in free_letters if c != "n"]
-    for k in range(len(optional) + 1):
-        for extra in itertools.combinations(optional, k):
+    # Free letters of the activation may join the batch (the weight is then broadcast over them); with n
+    # that makes one small GEMM per token, which MKL's batched GEMM runs well for blocks of 16 and more.
+    for k in range(len(free_letters) + 1):
+        for extra in itertools.combinations(free_letters, k):
             for copied in (False, True):
                 if copied and extra:
                     continue
@@ -310,7 +349,7 @@ def _stage_options(
                 free = _by_stride(held, [c for c in free_letters if c not in extra])
                 contract = _by_stride(held, contract_letters)
                 merged = [_merge(held, group) for group in (batch, free, contract)]
-                if any(m is None for m in merged) or not _blas_ok(merged[1], merged[2]):  # type: ignore[arg-type]
+                if merged[0] is None or merged[1] is None or merged[2] is None or not _blas_ok(merged[1], merged[2]):
                     continue
                 for w_free in itertools.permutations(w_free_letters):
                     wf = "".join(w_free)
@@ -322,8 +361,50 @@ def _stage_options(
                         yield (per_token if copied else 0), stage, _Dims.contiguous(out, size)
 
 
-def _lower(order: str, layout: str, size: Mapping[str, int]) -> tuple[int, int, tuple[_Stage, ...], str]:
-    """The cheapest two-stage bmm program: (copied per token, weight elements copied, stages, output layout)."""
+@dataclass(frozen=True)
+class _Program:
+    """A lowering with its price: ``penalty`` is in FLOP equivalents, added to the contraction's FLOPs."""
+
+    penalty: float
+    copied: int  # activation elements copied per token
+    reduced: int  # elements per token of weight-gradient batches summed by autograd
+    weight_copied: int
+    stages: tuple[_Stage, ...]
+    out_layout: str
+
+
+def _backward_copies(stages: tuple[_Stage, ...], size: Mapping[str, int], x_letters: str) -> tuple[int, int, int]:
+    """(copied per token, reduced per token, per call) elements autograd moves in the backward of ``stages``.
+
+    The output gradient is taken row-major (N, d_out), as most consumers return it. Walking the stages
+    backwards: the gradient of a stage's output is reshaped to the bmm result (a copy unless its letter groups
+    merge), the activation's gradient comes out contiguous in the bmm operand's order, and a weight broadcast
+    over batch letters gets a batch of gradients that autograd then sums.
+    """
+    y_letters = "".join(c for c in _Y if c == "n" or size[c] > 1)
+    grad = _Dims.contiguous(y_letters, size)
+    per_token = reduced = per_call = 0
+    for stage in reversed(stages):
+        rows, cols = (stage.act_free, stage.weight_free) if stage.act_left else (stage.weight_free, stage.act_free)
+        merged = [_merge(grad, group) for group in (stage.batch, rows, cols)]
+        if merged[0] is None or merged[1] is None or merged[2] is None or not _blas_ok(merged[1], merged[2]):
+            per_token += _prod(size, stage.out) // size["n"]
+        broadcast = [c for c in stage.batch if c not in stage.weight_letters]
+        if broadcast:  # autograd sums the batch of weight gradients over the broadcast letters
+            numel = _prod(size, stage.batch + stage.contract + stage.weight_free)
+            if "n" in broadcast:
+                reduced += numel // size["n"]
+            else:
+                per_call += numel
+        held = stage.batch + (stage.act_free + stage.contract if stage.act_left else stage.contract + stage.act_free)
+        grad = _Dims.contiguous(held, size)
+    if _merge(grad, x_letters[1:]) is None:  # the (N, d_in) gradient is a copy
+        per_token += _prod(size, x_letters[1:])
+    return per_token, reduced, per_call
+
+
+def _lower(order: str, layout: str, size: Mapping[str, int], grad: bool) -> _Program:
+    """The cheapest two-stage bmm program for ``order`` on an input of ``layout``."""
 
     def live(letters: str) -> str:
         return "".join(c for c in letters if c == "n" or size[c] > 1)
@@ -337,22 +418,28 @@ def _lower(order: str, layout: str, size: Mapping[str, int]) -> tuple[int, int, 
     first, second = (("A", _A), ("B", _B)) if order == "xA" else (("B", _B), ("A", _A))
     z_keep = "".join(c for c in "ngbafedr" if c in _X + first[1] and c in second[1] + _Y)
     y_features = live(_Y)[1:]
-    best: tuple[tuple[int, ...], tuple[int, int, tuple[_Stage, ...], str]] | None = None
+    best: tuple[tuple[float, int, int], _Program] | None = None
     for copied1, stage1, z in _stage_options(x, first[0], live(first[1]), live(z_keep), size):
         for copied2, stage2, y in _stage_options(z, second[0], live(second[1]), live(_Y), size):
-            flat = _merge(y, _by_stride(y, y_features)) is not None and _by_stride(y, y_features) == y_features
-            out_copied = 0 if flat else math.prod(size[c] for c in y_features)
-            copied = copied1 + copied2 + out_copied
+            flat = _merge(y, y_features) is not None
+            copied = copied1 + copied2 + (0 if flat else _prod(size, y_features))
             w_copied = stage1.weight_copied + stage2.weight_copied
-            feature_out = y.stride("n") == 1 and size["n"] > 1
-            batches = sum(math.prod(size[c] for c in s.batch) for s in (stage1, stage2))
-            key = (
-                size["n"] * copied + w_copied,
-                batches,  # fewer, larger GEMMs first
-                0 if feature_out else 1,
+            gemms = _prod(size, stage1.batch) + _prod(size, stage2.batch)
+            reduced = 0
+            if grad:
+                bwd_token, reduced, bwd_call = _backward_copies((stage1, stage2), size, x_letters)
+                copied, w_copied, gemms = copied + bwd_token, w_copied + bwd_call, 3 * gemms
+            penalty = (
+                _FLOPS_PER_COPIED_ELEMENT * (size["n"] * copied + w_copied)
+                + _FLOPS_PER_REDUCED_ELEMENT * size["n"] * reduced
+                + _FLOPS_PER_GEMM * gemms
             )
+            feature_out = y.stride("n") == 1 and size["n"] > 1
+            key = (penalty, 0 if feature_out else 1, len(stage1.batch) + len(stage2.batch))
             if best is None or key < best[0]:
-                best = (key, (copied, w_copied, (stage1, stage2), "feature" if feature_out else "token"))
+                out_layout = "feature" if feature_out else "token"
+                program = _Program(penalty, copied, reduced, w_copied, (stage1, stage2), out_layout)
+                best = (key, program)
     assert best is not None  # the copying options always apply
     return best[1]
 
@@ -392,20 +479,23 @@ def run(
     layout = _layout_of(x)
     if layout is None:
         x, layout = x.contiguous(), "token"  # (N, d_in): arbitrary strides are copied once
-    if not torch.compiler.is_compiling() and (plan.tokens != token_bucket(n) or plan.layout != layout):
-        plan = plan_contraction(spec, n, layout=layout)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(c.requires_grad for c in cores.values()))
     pad = spec.sizes.in_size - spec.d_in
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))  # (N, in_size): padded features are zeros
     if plan.kind == "bmm":
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or cores["A"].requires_grad or cores["B"].requires_grad
-        )
-        y = _BTT.apply(x, cores["A"], cores["B"], spec.sizes) if needs_grad else btt_forward(
-            x, cores["A"], cores["B"], spec
-        )
+        if needs_grad:
+            y = _BTT.apply(x, cores["A"], cores["B"], tuple(spec.sizes))  # (N, φε) view
+        else:
+            y = btt_forward(x, cores["A"], cores["B"], spec)  # (N, φε) view
     else:
-        y = _run_program(plan.stages, x, cores, _sizes(spec, n))
+        if torch.compiler.is_compiling():  # no re-planning inside a traced graph
+            stages = plan.compile_stages[1 if needs_grad else 0]
+        elif (plan.tokens, plan.layout, plan.grad) == (token_bucket(n), layout, needs_grad):
+            stages = plan.stages
+        else:
+            stages = plan_contraction(spec, n, layout=layout, grad=needs_grad).stages
+        y = _run_program(stages, x, cores, _sizes(spec, n))  # (N, out_size)
     if spec.sizes.out_size != spec.d_out:
         y = y[:, : spec.d_out]  # (N, d_out) view
     return y if bias is None else y + bias
