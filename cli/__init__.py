@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -10,6 +11,7 @@ import click
 
 from einrewrite import STRUCTURES, EinrewriteError, __version__
 
+from .commands import inspect_command, rewrite_command
 from .table import format_table
 
 __all__ = ["main"]
@@ -24,17 +26,21 @@ class _Group(click.Group):
         except EinrewriteError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(" ".join(str(e).split("\n"))) from e
 
 
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="einrewrite")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 @click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
     """Rewrite the dense linear layers of a PyTorch model into structured einsum layers."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if verbose or debug:
+        logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
 
 
 @main.command("structures")
@@ -67,6 +73,9 @@ def structures_command(d_in: int, d_out: int) -> None:
     click.echo(f"structures for a {d_in} -> {d_out} layer (each at its example hyper-parameters)")
     click.echo(format_table(header, rows))
 
+
+main.add_command(inspect_command)
+main.add_command(rewrite_command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

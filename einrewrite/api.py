@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from .structures import STRUCTURES
 from .targets import Candidate, is_conv1d, is_structured
 
 __all__ = [
+    "Inputs",
     "Inspection",
     "LoadedModel",
     "ModelSourceError",
@@ -56,7 +57,11 @@ INPUTS_FILE = "example_inputs.safetensors"
 _FORMAT_VERSION = 1
 _MODES = ("auto", "module", "graph")
 
-Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+class Inputs(NamedTuple):
+    """Example inputs split into positional and keyword arguments (also accepted as ``example_inputs``)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
 
 
 class ModelSourceError(ConfigError):
@@ -68,12 +73,14 @@ def _split_inputs(example_inputs: Any) -> Inputs | None:
     """``None`` | a tensor | a tuple/list of positional inputs | a dict of keyword inputs -> (args, kwargs)."""
     if example_inputs is None:
         return None
+    if isinstance(example_inputs, Inputs):
+        return example_inputs
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
+        return Inputs((example_inputs,), {})
     if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
+        return Inputs((), dict(example_inputs))
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
+        return Inputs(tuple(example_inputs), {})
     raise ConfigError(
         f"example_inputs: expected a tensor, a tuple of positional inputs or a dict of keyword inputs, got "
         f"{type(example_inputs).__name__}"
@@ -106,7 +113,7 @@ def default_example_inputs(model: nn.Module, *, batch: int = 2, seq: int = 8) ->
         kwargs = {"pixel_values": torch.randn(batch, channels, h, w, generator=generator).to(dtype)}
     else:
         return None
-    return (), kwargs
+    return Inputs((), kwargs)
 
 
 def _count_params(model: nn.Module) -> int:
@@ -462,7 +469,7 @@ def _load_inputs(path: Path, meta: dict[str, Any]) -> Inputs:
     def get(entry: dict[str, Any]) -> Any:
         return tensors[entry["tensor"]] if "tensor" in entry else entry["value"]
 
-    return tuple(get(e) for e in meta["args"]), {k: get(e) for k, e in meta["kwargs"].items()}
+    return Inputs(tuple(get(e) for e in meta["args"]), {k: get(e) for k, e in meta["kwargs"].items()})
 
 
 def read_meta(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -524,13 +531,13 @@ def _spec_from_dict(fqn: str, data: dict[str, Any] | None) -> Any:
         raise SavedModelError(f"{fqn}: cannot rebuild its spec from the saved dict: {e}") from None
 
 
-def _build_base(path: Path, meta: dict[str, Any]) -> nn.Module:
+def _build_base(path: Path, meta: dict[str, Any]) -> tuple[nn.Module, Inputs | None]:
     base = meta["base"]
     if base.get("factory"):
-        model, _ = _call_factory(base["factory"])
-        return model
+        model, inputs = _call_factory(base["factory"])
+        return model, _split_inputs(inputs)
     if base.get("hf_config"):
-        return _build_hf(path, base.get("class"), weights=False)
+        return _build_hf(path, base.get("class"), weights=False), None
     raise SavedModelError(
         f"{path}: cannot rebuild the base model ({base.get('class')}): it is neither a Hugging Face model nor from "
         "a factory; pass base_model=<the model einrewrite rewrote> to load_pretrained"
@@ -564,7 +571,7 @@ def load_pretrained(
     if base_model is not None:
         model = base_model if inplace else copy.deepcopy(base_model)
     else:
-        model = _build_base(path, meta)
+        model, report.example_inputs = _build_base(path, meta)
     if report.path == "graph":
         if not meta.get("example_inputs"):
             raise SavedModelError(f"{path}: graph-path save without example inputs in {META_FILE}; save it again")
@@ -590,28 +597,34 @@ def load_pretrained(
 
 
 def _apply_modules(model: nn.Module, report: RewriteReport, path: Path) -> None:
-    for d in report.replaced:
+    """Rebuild every layer that was structured when saved: replaced now, or already structured before."""
+    for d in report.decisions:
+        if not (d.replaced or d.reason == "already_structured"):
+            continue
         try:
             module = model.get_submodule(d.fqn)
         except AttributeError:
             raise SavedModelError(
-                f"{d.fqn}: saved as a replaced layer but the base model has no such module; pass the base model the "
+                f"{d.fqn}: saved as a structured layer but the base model has no such module; pass the base model the "
                 f"directory {path} was made from"
             ) from None
-        if is_structured(module):
-            raise SavedModelError(
-                f"{d.fqn}: the base model already has a structured layer here; pass the original (dense) model, not a "
-                "rewritten one"
-            )
-        ok = (d.kind == "Linear" and isinstance(module, nn.Linear)) or (d.kind == "Conv1D" and is_conv1d(module))
-        weight = dense_weight(module, d.kind) if ok else None
-        if weight is None or tuple(weight.shape) != (d.d_out, d.d_in):
-            found = type(module).__name__ + ("" if weight is None else f" {weight.shape[1]}->{weight.shape[0]}")
-            raise SavedModelError(
-                f"{d.fqn}: saved as a {d.kind} {d.d_in}->{d.d_out} but the base model has {found}; pass the base "
-                f"model the directory {path} was made from"
-            )
         spec = _spec_from_dict(d.fqn, d.spec)
+        if is_structured(module):
+            if d.replaced or module.spec != spec:
+                raise SavedModelError(
+                    f"{d.fqn}: the base model already has a structured layer here; pass the original (dense) model, "
+                    "not a rewritten one"
+                )
+            continue
+        kinds = ("Linear", "Conv1D") if d.kind == "structured" else (d.kind,)
+        kind = "Linear" if isinstance(module, nn.Linear) else "Conv1D" if is_conv1d(module) else type(module).__name__
+        weight = dense_weight(module, kind) if kind in kinds else None
+        if weight is None or tuple(weight.shape) != (d.d_out, d.d_in):
+            found = kind + ("" if weight is None else f" {weight.shape[1]}->{weight.shape[0]}")
+            raise SavedModelError(
+                f"{d.fqn}: saved as a {'/'.join(kinds)} {d.d_in}->{d.d_out} but the base model has {found}; pass the "
+                f"base model the directory {path} was made from"
+            )
         new = structured_module(spec, weight, getattr(module, "bias", None), init="mup", like=module)
         set_submodule(model, d.fqn, new)
 

@@ -98,6 +98,7 @@ class PassContext:
         """Record that ``cand`` stays as it is, and why."""
         kind = "F.linear" if cand.kind == "param" else cand.kind
         params = cand.weight_numel
+        spec = cand.module.spec if cand.kind == "structured" else None  # kept so a reload rebuilds it
         self.decisions[cand.fqn] = Decision(
             fqn=cand.fqn,
             kind=kind,
@@ -112,6 +113,9 @@ class PassContext:
             macs_before=cand.dense_macs if cand.kind != "structured" else cand.module.spec.macs,
             macs_after=cand.dense_macs if cand.kind != "structured" else cand.module.spec.macs,
             weight_fqn=cand.weight_fqn,
+            structure=None if spec is None else spec.name,
+            hyper=None if spec is None else spec.hyper_dict,
+            spec=None if spec is None else spec.to_dict(),
         )
 
     def replace(self, plan: Plan, module: nn.Module, *, path: str, layout: str) -> None:

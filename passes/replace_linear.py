@@ -83,11 +83,12 @@ def apply_graph_plan(
     _install(gm, path, new)
     dead: list[fx.Node] = []
     for use in uses:
+        x, bias_now = use.live_operands()  # earlier replacements may have rewired them
         with graph.inserting_before(use.node):
-            out = graph.call_module(path, (use.x,))
+            out = graph.call_module(path, (x,))
             out.meta = dict(use.node.meta)
-            if not absorbed and use.bias is not None:
-                out = graph.call_function(aten.add.Tensor, (out, use.bias))
+            if not absorbed and bias_now is not None:
+                out = graph.call_function(aten.add.Tensor, (out, bias_now))
                 out.meta = dict(use.node.meta)
         use.node.replace_all_uses_with(out)
         graph.erase_node(use.node)

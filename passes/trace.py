@@ -59,6 +59,15 @@ class LinearUse:
     bias: Any
     module_fqn: str
 
+    def live_operands(self) -> tuple[Any, Any]:
+        """(activation, bias) as the node's arguments are now (surgery on earlier nodes rewires them)."""
+        args, kwargs = self.node.args, self.node.kwargs
+        if self.op == "addmm":
+            return args[1], args[0]
+        if self.op == "linear":
+            return args[0], args[2] if len(args) > 2 else kwargs.get("bias")
+        return args[0], None
+
 
 @dataclass
 class GraphInfo:
