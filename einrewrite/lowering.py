@@ -277,9 +277,11 @@ def lowered_forward(layer: EinsumLinear, x: Tensor) -> Tensor:
         y = y.permute(1, 0)  # (N, d_out): the layer's one activation Transpose
     elif plan.crop_out is not None:
         y = y[:, : plan.crop_out]  # (N, d_out)
+    y = y.reshape(*lead, layer.out_features)  # (..., d_out)
     if layer.bias is not None:
-        y = y + layer.bias.to(y.dtype)  # (N, d_out)
-    return y.reshape(*lead, layer.out_features)  # (..., d_out)
+        # After the reshape, as nn.Linear's bias: ORT then fuses it with what follows (BiasGelu, SkipLayerNorm).
+        y = y + layer.bias.to(y.dtype)  # (..., d_out)
+    return y
 
 
 def _forward_method(self: EinsumLinear, x: Tensor) -> Tensor:
