@@ -50,6 +50,9 @@ _GREEK = {"n": "N", "a": "α", "b": "β", "g": "γ", "d": "δ", "e": "ε", "f": 
 # FLOPs per element; summing a batch of weight gradients streams contiguously, about 20.
 _FLOPS_PER_COPIED_ELEMENT = 100
 _FLOPS_PER_REDUCED_ELEMENT = 20
+# An activation that is the right-hand GEMM operand with its summed letters contiguous is packed by MKL as a
+# column-major matrix: 0.85 ms more for 4M floats with 32 summed letters (Kronecker), 10 ms with 1024.
+_FLOPS_PER_PACKED_ELEMENT = 20
 # Fixed cost of one GEMM of a batch (call and packing), in FLOP equivalents: per-token GEMMs of 32x32 blocks
 # run as fast as one large GEMM, per-token GEMMs of 4x4 blocks do not.
 _FLOPS_PER_GEMM = 4096
@@ -123,7 +126,8 @@ class ContractionPlan:
         out_layout: layout of the returned (N, d_out) tensor, ``"token"`` or ``"feature"``.
         optimal: opt_einsum's unrestricted optimal path at this token count, for the record.
         compile_stages: the stages used under ``torch.compile``, which cannot re-plan per call: those of a
-            large token bucket (forward-only and training plans, in that order).
+            large token bucket (forward-only and training plans, in that order). No stages means the BTT
+            kernel.
     """
 
     kind: str
@@ -200,13 +204,11 @@ def _plan(spec: EinsumSpec, tokens: int, layout: str, grad: bool) -> Contraction
     if spec.is_dense:
         return ContractionPlan("dense", "x@W.T", (spec.equation,), 2 * spec.macs, tokens, layout, grad)
     order, steps, cost, program, optimal = _choose(spec, tokens, layout, grad)
-    kind = "bmm" if spec.is_btt and order == "xA" else "matmul"
-    compile_stages: tuple[tuple[_Stage, ...], tuple[_Stage, ...]] = ((), ())
-    if kind == "matmul":
-        compile_stages = (
-            _choose(spec, _COMPILE_TOKENS, "token", False)[3].stages,
-            _choose(spec, _COMPILE_TOKENS, "token", True)[3].stages,
-        )
+    kind = "matmul" if program.stages else "bmm"
+    compile_stages = (
+        _choose(spec, _COMPILE_TOKENS, "token", False)[3].stages,
+        _choose(spec, _COMPILE_TOKENS, "token", True)[3].stages,
+    )
     return ContractionPlan(
         kind, order, steps, cost, tokens, layout, grad, program.copied, program.reduced, program.weight_copied,
         program.stages,
@@ -226,11 +228,16 @@ def _choose(spec: EinsumSpec, tokens: int, layout: str, grad: bool) -> tuple[str
         _, info = opt_einsum.contract_path(spec.equation, *shapes, shapes=True, optimize=path)
         steps = _steps_in_operand_order(spec.equation, order, [entry[2] for entry in info.contraction_list])
         flops = int(info.opt_cost)
-        if spec.is_btt and order == "xA":  # the fixed feature-major kernel: no copies, forward or backward
-            program = _Program(0.0, 0, 0, 0, (), "feature")
-        else:
-            program = _lower(order, layout, size, grad)
+        program = _lower(order, layout, size, grad)
         choices.append(((3 if grad else 1) * flops + program.penalty, order, steps, flops // tokens, program))
+        if spec.is_btt and order == "xA":
+            # The fixed feature-major kernel: no copies forward or backward; a token-major input is read as
+            # a column-major GEMM operand (the same pricing as in _lower). Preferred on ties.
+            packed = tokens * spec.sizes.in_size if layout == "token" else 0
+            gemms = (3 if grad else 1) * (spec.sizes.gamma + spec.sizes.phi)
+            penalty = _FLOPS_PER_PACKED_ELEMENT * packed + _FLOPS_PER_GEMM * gemms
+            kernel = _Program(penalty, 0, 0, 0, (), "feature")
+            choices.append(((3 if grad else 1) * flops + penalty - 0.5, order, steps, flops // tokens, kernel))
     _, order, steps, cost, program = min(choices, key=lambda c: (c[0], c[1]))
     return order, steps, cost, program, optimal
 
@@ -326,8 +333,13 @@ def _weight_copy(w: _Dims, target: str, rows: str, cols: str, size: Mapping[str,
 
 def _stage_options(
     act: _Dims, weight: str, w_letters: str, keep: str, size: Mapping[str, int]
-) -> Iterator[tuple[int, _Stage, _Dims]]:
-    """Every bmm lowering of ``act`` × weight, as (activation elements copied per token, stage, result)."""
+) -> Iterator[tuple[int, int, _Stage, _Dims]]:
+    """Every bmm lowering of ``act`` × weight: (elements copied per token, packed per token, stage, result).
+
+    "Packed" counts an activation that is the right-hand GEMM operand with its summed letters contiguous:
+    MKL then packs it as a column-major matrix, slower than the same product with the activation on the
+    left (x·Aᵀ against A·xᵀ for a rank-32 factor of a 1024-wide layer: 2.5 ms against 12.9 ms).
+    """
     w = _Dims.contiguous(w_letters, size)
     shared = [c for c in act.letters if c in w_letters]
     batch_letters = [c for c in shared if c in keep]
@@ -358,7 +370,8 @@ def _stage_options(
                         w_copied = _weight_copy(w, batch + rows + cols, rows, cols, size)
                         out = batch + (free + wf if act_left else wf + free)
                         stage = _Stage(weight, w_letters, batch, free, contract, wf, act_left, copied, w_copied, out)
-                        yield (per_token if copied else 0), stage, _Dims.contiguous(out, size)
+                        packed = per_token if not act_left and merged[2][1] == 1 and merged[2][0] > 1 else 0
+                        yield (per_token if copied else 0), packed, stage, _Dims.contiguous(out, size)
 
 
 @dataclass(frozen=True)
@@ -419,8 +432,8 @@ def _lower(order: str, layout: str, size: Mapping[str, int], grad: bool) -> _Pro
     z_keep = "".join(c for c in "ngbafedr" if c in _X + first[1] and c in second[1] + _Y)
     y_features = live(_Y)[1:]
     best: tuple[tuple[float, int, int], _Program] | None = None
-    for copied1, stage1, z in _stage_options(x, first[0], live(first[1]), live(z_keep), size):
-        for copied2, stage2, y in _stage_options(z, second[0], live(second[1]), live(_Y), size):
+    for copied1, packed1, stage1, z in _stage_options(x, first[0], live(first[1]), live(z_keep), size):
+        for copied2, packed2, stage2, y in _stage_options(z, second[0], live(second[1]), live(_Y), size):
             flat = _merge(y, y_features) is not None
             copied = copied1 + copied2 + (0 if flat else _prod(size, y_features))
             w_copied = stage1.weight_copied + stage2.weight_copied
@@ -431,6 +444,7 @@ def _lower(order: str, layout: str, size: Mapping[str, int], grad: bool) -> _Pro
                 copied, w_copied, gemms = copied + bwd_token, w_copied + bwd_call, 3 * gemms
             penalty = (
                 _FLOPS_PER_COPIED_ELEMENT * (size["n"] * copied + w_copied)
+                + _FLOPS_PER_PACKED_ELEMENT * size["n"] * (packed1 + packed2)
                 + _FLOPS_PER_REDUCED_ELEMENT * size["n"] * reduced
                 + _FLOPS_PER_GEMM * gemms
             )
@@ -483,19 +497,18 @@ def run(
     pad = spec.sizes.in_size - spec.d_in
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))  # (N, in_size): padded features are zeros
-    if plan.kind == "bmm":
-        if needs_grad:
-            y = _BTT.apply(x, cores["A"], cores["B"], tuple(spec.sizes))  # (N, φε) view
-        else:
-            y = btt_forward(x, cores["A"], cores["B"], spec)  # (N, φε) view
+    if torch.compiler.is_compiling():  # no re-planning inside a traced graph
+        stages = plan.compile_stages[1 if needs_grad else 0]
+    elif (plan.tokens, plan.layout, plan.grad) == (token_bucket(n), layout, needs_grad):
+        stages = plan.stages
     else:
-        if torch.compiler.is_compiling():  # no re-planning inside a traced graph
-            stages = plan.compile_stages[1 if needs_grad else 0]
-        elif (plan.tokens, plan.layout, plan.grad) == (token_bucket(n), layout, needs_grad):
-            stages = plan.stages
-        else:
-            stages = plan_contraction(spec, n, layout=layout, grad=needs_grad).stages
+        stages = plan_contraction(spec, n, layout=layout, grad=needs_grad).stages
+    if stages:  # a searched program
         y = _run_program(stages, x, cores, _sizes(spec, n))  # (N, out_size)
+    elif needs_grad:  # the BTT kernel
+        y = _BTT.apply(x, cores["A"], cores["B"], tuple(spec.sizes))  # (N, φε) view
+    else:
+        y = btt_forward(x, cores["A"], cores["B"], spec)  # (N, φε) view
     if spec.sizes.out_size != spec.d_out:
         y = y[:, : spec.d_out]  # (N, d_out) view
     return y if bias is None else y + bias
@@ -597,7 +610,10 @@ def _run_program(stages: tuple[_Stage, ...], x: Tensor, cores: Mapping[str, Tens
         letters = stage.out
     y_letters = "".join(c for c in _Y if c == "n" or size[c] > 1)
     y = act.permute([letters.index(c) for c in y_letters])  # (N, φ, ε, δ) minus unit axes
-    return y.reshape(size["n"], -1)  # (N, φεδ): a view when the program planned one
+    out_size = 1
+    for c in y_letters[1:]:  # a loop, not math.prod: torch.compile traces it with symbolic sizes
+        out_size = out_size * size[c]
+    return y.reshape(size["n"], out_size)  # (N, φεδ): a view when the program planned one
 
 
 def _run_stage(stage: _Stage, act: Tensor, letters: str, core: Tensor, size: Mapping[str, int]) -> Tensor:
