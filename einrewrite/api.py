@@ -99,10 +99,11 @@ def default_example_inputs(model: nn.Module, *, batch: int = 2, seq: int = 8) ->
     if config is None or name is None:
         return None
     generator = torch.Generator().manual_seed(0)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     kwargs: dict[str, Any]
     if name == "input_ids":
         vocab = int(getattr(config, "vocab_size", 0) or 2)
-        kwargs = {"input_ids": torch.randint(0, min(vocab, 1000), (batch, seq), generator=generator)}
+        kwargs = {"input_ids": torch.randint(0, min(vocab, 1000), (batch, seq), generator=generator).to(device)}
         if hasattr(config, "use_cache"):
             kwargs["use_cache"] = False
     elif name == "pixel_values":
@@ -110,7 +111,7 @@ def default_example_inputs(model: nn.Module, *, batch: int = 2, seq: int = 8) ->
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         channels = int(getattr(config, "num_channels", 3))
-        kwargs = {"pixel_values": torch.randn(batch, channels, h, w, generator=generator).to(dtype)}
+        kwargs = {"pixel_values": torch.randn(batch, channels, h, w, generator=generator).to(device, dtype)}
     else:
         return None
     return Inputs((), kwargs)
@@ -171,20 +172,35 @@ def rewrite(
         raise ConfigError(f"config: expected an einrewrite.RewriteConfig, got {type(config).__name__}")
     if mode not in _MODES:
         raise ConfigError(f"mode must be one of {_MODES}, got {mode!r}")
-    inputs = _split_inputs(example_inputs) or default_example_inputs(model)
-    work = model if inplace else copy.deepcopy(model)
+    inputs = _split_inputs(example_inputs)
+    defaulted = inputs is None
+    if defaulted:
+        inputs = default_example_inputs(model)
+    try:
+        work = model if inplace else copy.deepcopy(model)
+    except Exception as e:
+        raise ConfigError(
+            f"model ({type(model).__name__}): cannot be copied ({type(e).__name__}: {e}); pass inplace=True to "
+            "rewrite it in place"
+        ) from e
     params_before = _count_params(work)
     ctx = PassContext(config=config, mode=mode, progress=progress, verify=verify)
-    if inputs is not None:
-        ctx.args, ctx.kwargs = inputs
-        if verify:
-            try:
-                ctx.reference = run_model(work, *inputs)
-            except Exception as e:
+    if inputs is not None and (verify or not defaulted):
+        try:
+            ctx.reference = run_model(work, *inputs) if verify else None
+            ctx.args, ctx.kwargs = inputs
+        except Exception as e:
+            if not defaulted:
                 raise ConfigError(
                     f"example_inputs: the original model ({type(model).__name__}) fails on them: "
                     f"{type(e).__name__}: {e}"
                 ) from e
+            ctx.notes.append(
+                f"the dummy inputs built from the model's config do not run it ({type(e).__name__}); pass "
+                "example_inputs to trace bare parameters and check liveness"
+            )
+    elif inputs is not None:
+        ctx.args, ctx.kwargs = inputs
     out = run_pipeline(work, ctx, pipeline)
     order = [c.fqn for c in ctx.candidates if c.fqn in ctx.decisions]
     report = RewriteReport(

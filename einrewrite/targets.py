@@ -46,6 +46,7 @@ REASONS = (
     "router",
     "tied_weight",
     "fused_experts",
+    "unsupported_dtype",
     "read_directly",
     "output_head",
     "below_min_features",
@@ -299,6 +300,13 @@ def skip_reason(
             return (
                 "tied_weight",
                 f"weight is tied to {', '.join(others)}; replacing it would untie them (exclude it or untie first)",
+            )
+    if cand.param_name is not None and cand.kind in ("Linear", "Conv1D", "param"):
+        dtype = getattr(cand.module, cand.param_name).dtype
+        if not dtype.is_floating_point:
+            return (
+                "unsupported_dtype",
+                f"weight dtype {dtype} (quantized?) cannot be projected; rewrite the float model, then quantize",
             )
     if cand.kind == "experts":
         return (

@@ -1,8 +1,9 @@
 """The ``ensures`` step: the rewritten model runs, keeps its output shapes and dtypes, and uses every new layer.
 
-Liveness: for each replaced layer, its factors are perturbed and the model is run again; if no output changes,
-the model bypasses the layer (a parent read ``.weight`` directly, a fused kernel, an unused branch) and the
-rewrite is an error, not a success (PEFT #2556, ModelOpt's silent no-op check).
+Liveness: an output must change when a replaced layer's factors change. One backward pass of a random projection
+of the outputs clears every layer whose factors get a gradient; the remaining suspects are perturbed one by one
+and the model run again. A layer that changes nothing is bypassed (a parent read ``.weight`` directly, a fused
+kernel, an unused branch) and the rewrite is an error, not a success (PEFT #2556, ModelOpt's silent no-op check).
 """
 
 from __future__ import annotations
@@ -76,6 +77,53 @@ def _perturb(module: nn.Module, generator: torch.Generator) -> list[tuple[nn.Par
     return saved
 
 
+def _factors(module: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in module.named_parameters() if n.rsplit(".", 1)[-1] != "bias" and p.is_floating_point()]
+
+
+def _suspects_by_gradient(model: nn.Module, fqns: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """Layers whose factors get no gradient from a random projection of the outputs (one forward + backward).
+
+    A nonzero gradient proves the output depends on the layer; a zero or missing one only makes it a suspect, to
+    be confirmed by perturbation. Other parameters are frozen meanwhile so no gradient is computed for them.
+    """
+    factors = {fqn: _factors(model.get_submodule(fqn)) for fqn in fqns}
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for ps in factors.values():
+            for p in ps:
+                p.requires_grad_(True)
+        for m, _ in modes:
+            m.training = False
+        with torch.enable_grad():
+            outs = [t for t in output_tensors(model(*args, **kwargs)) if t.is_floating_point() and t.requires_grad]
+            if not outs:
+                return list(fqns)
+            generator = torch.Generator().manual_seed(0)
+            # random weights: a plain sum can cancel (softmax rows sum to 1 whatever the layer does)
+            loss = sum((t.float() * torch.randn(t.shape, generator=generator).to(t.device)).sum() for t in outs)
+            flat = [p for ps in factors.values() for p in ps]
+            grads = torch.autograd.grad(loss, flat, allow_unused=True)
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+    by_param = {id(p): g for p, g in zip(flat, grads, strict=True)}
+    suspects = []
+    for fqn, ps in factors.items():
+        live = any(
+            (g := by_param[id(p)]) is not None and bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0) for p in ps
+        )
+        if not live:
+            suspects.append(fqn)
+    return suspects
+
+
 def check_liveness(
     model: nn.Module,
     fqns: list[str],
@@ -85,13 +133,23 @@ def check_liveness(
     baseline: list[Tensor] | None = None,
     disable_progress: bool | None = True,
 ) -> list[str]:
-    """The FQNs among ``fqns`` whose factors do not affect the model's output (bypassed layers)."""
+    """The FQNs among ``fqns`` whose factors do not affect the model's output (bypassed layers).
+
+    One backward pass clears every layer whose factors receive a gradient; each remaining suspect is perturbed
+    (noise on its factors, the model run again, the factors restored) and is bypassed if no output changes.
+    """
+    try:
+        suspects = _suspects_by_gradient(model, fqns, args, kwargs)
+    except RuntimeError:  # a model that cannot be differentiated: perturb every layer
+        suspects = list(fqns)
+    if not suspects:
+        return []
     if baseline is None:
         baseline = run_model(model, args, kwargs)
     generator = torch.Generator().manual_seed(0)
     dead = []
     with inference_mode(model):
-        for fqn in tqdm(fqns, desc="einrewrite: liveness", unit="layer", file=sys.stderr, leave=False,
+        for fqn in tqdm(suspects, desc="einrewrite: liveness", unit="layer", file=sys.stderr, leave=False,
                         disable=disable_progress):
             module = model.get_submodule(fqn)
             saved = _perturb(module, generator)

@@ -287,3 +287,14 @@ def test_override_structure_instance_round_trips_through_save(tmp_path: Path) ->
     reloaded = er.load_pretrained(tmp_path / "o", base_model=OddSizes())
     assert reloaded.mix.spec == new.mix.spec
     assert torch.equal(new(x), reloaded(x))
+
+
+def test_load_model_reads_a_hugging_face_directory_with_weights(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    model.save_pretrained(tmp_path / "hf")
+    loaded = er.load_model(tmp_path / "hf")
+    assert loaded.source == "hf" and type(loaded.model).__name__ == "GPT2LMHeadModel"
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    with pytest.raises(er.ModelSourceError, match="a directory without config.json"):
+        er.load_model(tmp_path)

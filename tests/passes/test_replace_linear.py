@@ -119,3 +119,26 @@ def test_graph_save_and_load_round_trip(tmp_path: Path) -> None:
     reloaded = er.load_pretrained(out, base_model=FunctionalModel())
     assert isinstance(reloaded, fx.GraphModule)
     assert torch.equal(new(x), reloaded(x))
+
+
+class _HalfTraceable(nn.Module):
+    """An nn.Linear (module path) and an F.linear behind data-dependent control flow (export fails)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.w = nn.Parameter(torch.randn(64, 64) / 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        return F.linear(h, self.w) if h.sum().item() > -1e9 else h
+
+
+def test_export_failure_in_auto_mode_keeps_the_module_path_and_says_why() -> None:
+    model = _HalfTraceable()
+    new, report = er.rewrite(model, RewriteConfig(), torch.randn(2, 64))
+    assert report.path == "module" and report["fc"].replaced
+    assert report["w"].reason == "not_traced" and "torch.export failed" in report["w"].detail
+    assert any(n.startswith("graph path unavailable, kept the module path") for n in report.notes)
+    with pytest.raises(TraceError, match=r"torch.export \(non-strict\) failed"):
+        er.rewrite(model, RewriteConfig(), torch.randn(2, 64), mode="graph")
