@@ -1,0 +1,29 @@
+"""Smoke test: ``benchmarks/onnx.py --quick`` runs end to end and prints its ratios."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_onnx_benchmark_quick_prints_ratios() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/onnx.py", "--quick", "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for contender in ("dense ORT", "btt ORT", "btt torch"):
+        assert re.search(rf"^{contender}\s+\d+\.\d", out, re.M), out
+    row = re.search(r"^btt\s+([\d.]+)x\s+([\d.]+)x\s+(met|MISSED)\s+([\d.]+)x\s+(met|MISSED)", out, re.M)
+    assert row is not None, out
+    assert float(row.group(1)) > 5  # the rewrite really cut the linear MACs (1/8 budget)
+    assert "ORT parity" in out
