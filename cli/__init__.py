@@ -12,6 +12,7 @@ import click
 from einrewrite import STRUCTURES, EinrewriteError, __version__
 
 from .commands import inspect_command, rewrite_command
+from .export import bench_command, export_command
 from .table import format_table
 
 __all__ = ["main"]
@@ -76,6 +77,8 @@ def structures_command(d_in: int, d_out: int) -> None:
 
 main.add_command(inspect_command)
 main.add_command(rewrite_command)
+main.add_command(export_command)
+main.add_command(bench_command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

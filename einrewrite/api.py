@@ -43,6 +43,7 @@ __all__ = [
     "ModelSourceError",
     "default_example_inputs",
     "inspect_model",
+    "load_base_model",
     "load_model",
     "load_pretrained",
     "rewrite",
@@ -610,6 +611,34 @@ def load_pretrained(
         )
     model.einrewrite_report = report
     return model
+
+
+def load_base_model(out_dir: str | os.PathLike[str]) -> LoadedModel:
+    """The dense model an einrewrite directory was made from, rebuilt as :func:`load_pretrained` does.
+
+    The base is built from the recorded factory, or from the ``config.json`` saved beside the weights (Hugging
+    Face; random init), and is left dense: use it as the reference when timing or exporting the rewrite.
+
+    Args:
+        out_dir: a directory written by :func:`save_pretrained` (``einrewrite rewrite -o``).
+
+    Returns:
+        A :class:`LoadedModel` with the dense model and the example inputs the factory gave or the directory
+        stored (None for a Hugging Face model: use :func:`default_example_inputs`).
+
+    Raises:
+        SavedModelError: bad or partial directory, or a base model that cannot be rebuilt.
+
+    Examples:
+        >>> base = load_base_model("out/tiny_gpt_btt")  # doctest: +SKIP
+    """
+    path = Path(out_dir)
+    meta = read_meta(path)
+    model, inputs = _build_base(path, meta)
+    if inputs is None and meta.get("example_inputs"):
+        inputs = _load_inputs(path, meta["example_inputs"])
+    factory = meta["base"].get("factory")
+    return LoadedModel(model.eval(), inputs, "factory" if factory else "hf", factory)
 
 
 def _apply_modules(model: nn.Module, report: RewriteReport, path: Path) -> None:

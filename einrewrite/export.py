@@ -12,6 +12,7 @@ import contextlib
 import copy
 import io
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .errors import ExportError
 from .lowering import onnx_lowering
 
-__all__ = ["ExportReport", "export_onnx", "onnxruntime_session", "resolve_providers"]
+__all__ = ["ExportReport", "export_onnx", "export_saved", "onnxruntime_session", "resolve_providers"]
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,60 @@ def export_onnx(
         _check_with_onnxruntime(work, args, kwargs, report, names)
     log.info("%s", report.summary())
     return report
+
+
+def export_saved(
+    out_dir: str | os.PathLike[str],
+    path: str | Path,
+    *,
+    dtype: Literal["float32", "float16"] = "float32",
+    providers: Sequence[str] | str | None = None,
+    check: bool = True,
+    overwrite: bool = False,
+) -> ExportReport:
+    """:func:`export_onnx` of the model saved in an einrewrite output directory (``einrewrite export``).
+
+    The model is rebuilt with ``load_pretrained``; it is exported with the directory's example inputs (saved,
+    or from the recorded factory), else dummy Hugging Face inputs from its config.
+
+    Args:
+        out_dir: a directory written by ``einrewrite rewrite -o`` / ``save_pretrained``.
+        path: the ``.onnx`` file to write (weights may go to ``path + ".data"``).
+        dtype: ``"float32"`` or ``"float16"``.
+        providers: ONNX Runtime providers for the parity check (default CPU).
+        check: run the parity check in ONNX Runtime.
+        overwrite: replace an existing ``path`` (and its ``.data`` file).
+
+    Raises:
+        ExportError: ``path`` exists and ``overwrite`` is False, a provider is missing, no example inputs, or the
+            export or its check failed. SavedModelError: not an einrewrite directory.
+
+    Examples:
+        >>> report = export_saved("out/tiny_gpt_btt", "out/tiny_gpt_btt.onnx")  # doctest: +SKIP
+    """
+    from .api import _split_inputs, default_example_inputs, load_pretrained
+
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if not overwrite and (path.exists() or data.exists()):
+        raise ExportError(f"{path}: exists; pass overwrite=True (CLI: --force) to replace it")
+    if path.is_dir():
+        raise ExportError(f"{path}: is a directory; give the path of the .onnx file to write")
+    if check:
+        resolve_providers(providers)  # fail before the (slow) load and export
+    model = load_pretrained(out_dir).eval()
+    inputs = _split_inputs(getattr(model.einrewrite_report, "example_inputs", None)) or default_example_inputs(model)
+    if inputs is None:
+        raise ExportError(
+            f"{out_dir}: no example inputs to export with (none saved, no factory inputs, not a Hugging Face "
+            "model); call einrewrite.export_onnx(model, example_inputs, path) from Python"
+        )
+    for stale in (path, data):
+        if overwrite and stale.is_file():
+            stale.unlink()
+    args, kwargs = inputs
+    return export_onnx(model, tuple(args), path, example_kwargs=dict(kwargs), dtype=dtype, check=check,
+                       providers=providers)
 
 
 def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:

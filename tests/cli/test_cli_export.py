@@ -1,0 +1,93 @@
+"""`einrewrite export` and `einrewrite bench` through click's CliRunner: files, JSON, exit codes, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from einrewrite.cli import main
+
+import models  # noqa: F401  # type: ignore[import-not-found]  # puts the project root on sys.path, HF offline
+
+FACTORY = "models:tiny_gpt"  # tests/models.py: the demo GPT at d=64, 2 layers
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def rewritten(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An einrewrite output directory: the tiny GPT rewritten to BTT at 25% by ``einrewrite rewrite``."""
+    out = tmp_path_factory.mktemp("cli_export") / "tg"
+    code, output, err = run("rewrite", FACTORY, "--structure", "btt", "--budget", "0.25", "-o", str(out))
+    assert code == 0, output + err
+    return out
+
+
+def test_export_writes_a_checked_onnx_file_and_refuses_to_overwrite(rewritten: Path, tmp_path: Path) -> None:
+    target = tmp_path / "model.onnx"
+    target.write_text("stale")  # --force replaces it
+    code, out, err = run("export", str(rewritten), "-o", str(target), "--force", "--json")
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["path"] == str(target) and report["dtype"] == "float32"
+    assert report["checked"] is True and report["max_abs_diff"] < 1e-4
+    assert report["einsum_nodes"] == [] and report["op_counts"]["MatMul"] > 0
+    assert report["providers_used"] == ["CPUExecutionProvider"]
+    proto = onnx.load(str(target), load_external_data=False)  # a real ONNX model now, without Einsum
+    assert "Einsum" not in {n.op_type for n in proto.graph.node}
+
+    code, out, err = run("export", str(rewritten), "-o", str(target))
+    assert code == 1
+    assert "model.onnx: exists" in out + err and "--force" in out + err
+
+
+def test_export_errors_are_one_line_with_exit_codes(rewritten: Path, tmp_path: Path) -> None:
+    code, out, err = run("export", str(tmp_path / "missing"), "-o", str(tmp_path / "m.onnx"))
+    assert code == 2 and "does not exist" in out + err
+    code, out, err = run("export", str(rewritten), "-o", str(tmp_path / "m.onnx"), "--dtype", "bfloat16")
+    assert code == 2 and "bfloat16" in out + err
+    code, out, err = run("export", str(tmp_path), "-o", str(tmp_path / "m.onnx"))
+    assert code == 1 and "no einrewrite.json" in out + err and "Traceback" not in out + err
+
+
+def test_export_with_cuda_but_no_cuda_provider_is_a_clear_error(rewritten: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    code, out, err = run("export", str(rewritten), "-o", str(tmp_path / "c.onnx"), "--provider", "cuda")
+    assert code == 1
+    message = out + err
+    assert "CUDAExecutionProvider" in message and "not available" in message and "onnxruntime-gpu" in message
+    assert len(message.strip().splitlines()) == 1 and not (tmp_path / "c.onnx").exists()
+
+
+def test_bench_prints_every_contender_and_the_ratios(rewritten: Path) -> None:
+    code, out, err = run("bench", str(rewritten), "--tokens", "96", "--repeats", "1", "--json")
+    assert code == 0, out + err
+    (row,) = json.loads(out)["data"]["rows"]
+    assert row["tokens"] == 96 and row["shape"] == [2, 48]  # 96 tokens > block_size 64: two sequences of 48
+    assert set(row["times_ms"]) == {"dense torch", "structured torch", "structured compile", "dense ORT",
+                                    "structured ORT"}
+    assert min(row["times_ms"].values()) > 0
+    assert set(row["ratios"]) == {"struct/dense torch", "struct/dense ORT", "ORT vs torch (struct)", "compile vs eager"}
+    assert all(v is not None and v > 0 for v in row["ratios"].values())
+
+    code, out, err = run("bench", str(rewritten), "--tokens", "1,8", "--repeats", "1", "--no-compile", "--no-onnx")
+    assert code == 0, out + err
+    assert "dense torch ms" in out and "struct/dense torch" in out and "structured compile ms" not in out
+    assert "1x1" in out and "1x8" in out
+
+
+def test_bench_bad_tokens_is_a_usage_error(rewritten: Path) -> None:
+    code, out, err = run("bench", str(rewritten), "--tokens", "1,x")
+    assert code == 2 and "comma-separated positive integers" in out + err
+    code, out, err = run("bench", str(rewritten), "--tokens", "0")
+    assert code == 2
