@@ -34,8 +34,9 @@ from .init import mup_std, param_groups, project_weight
 from .passes import DEFAULT_PIPELINE, BypassedLayerError, VerificationError
 from .report import Decision, RewriteReport
 from .layers import EinsumLinear
+from .moe import BTTMoELinear, moe_aux_loss
 from .spec import EinsumSpec, Sizes, factorize
-from .structures import STRUCTURES, register_structure, structure
+from .structures import STRUCTURES, BTTMoE, register_structure, structure
 from .theta import Theta, parse_theta
 
 __version__ = "0.1.0"
@@ -65,6 +66,8 @@ __all__ = [
     "solve",
     "solve_layer",
     "STRUCTURES",
+    "BTTMoE",
+    "BTTMoELinear",
     "BudgetInfeasibleError",
     "EinrewriteError",
     "EinsumLinear",
@@ -82,6 +85,7 @@ __all__ = [
     "__version__",
     "export_onnx",
     "factorize",
+    "moe_aux_loss",
     "mup_std",
     "param_groups",
     "parse_theta",

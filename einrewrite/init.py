@@ -126,7 +126,8 @@ def param_groups(
         multipliers = getattr(module, "lr_multipliers", None)
         if callable(multipliers):
             for pname, mult in multipliers(base_width).items():
-                add(_join(module_name, pname), getattr(module, pname), lr * mult, weight_decay)
+                # get_parameter: a multiplier may name a child's parameter ("router.weight" of an MoE layer)
+                add(_join(module_name, pname), module.get_parameter(pname), lr * mult, weight_decay)
         elif isinstance(module, nn.Linear):
             fan_in = module.in_features
             add(_join(module_name, "weight"), module.weight, lr * (base_width or fan_in) / fan_in, weight_decay)

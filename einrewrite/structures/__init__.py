@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from ..errors import StructureMismatchError
 from ..spec import EinsumSpec
 from .btt import BTT
+from .btt_moe import BTTMoE
 from .dense import Dense
 from .einsum import Einsum
 from .kronecker import Kronecker
@@ -20,6 +21,7 @@ from .tensor_train import TensorTrain
 
 __all__ = [
     "BTT",
+    "BTTMoE",
     "STRUCTURES",
     "Dense",
     "Einsum",
@@ -48,6 +50,7 @@ STRUCTURES: dict[str, Any] = {
     "tensor_train": TensorTrain,
     "monarch": Monarch,
     "btt": BTT,
+    "btt_moe": BTTMoE,
     "einsum": Einsum,
 }
 
