@@ -30,7 +30,7 @@ from .passes.replace_linear import apply_graph_plan
 from .passes.swap_modules import dense_weight, set_submodule, structured_module
 from .passes.trace import export_graph, find_linear_uses
 from .passes.verify import run_model
-from .report import RewriteReport
+from .report import Decision, RewriteReport, contraction_summary
 from .tables import format_table
 from .spec import EinsumSpec
 from .structures import STRUCTURES
@@ -205,7 +205,7 @@ def rewrite(
     out = run_pipeline(work, ctx, pipeline)
     order = [c.fqn for c in ctx.candidates if c.fqn in ctx.decisions]
     report = RewriteReport(
-        decisions=tuple(ctx.decisions[f] for f in order),
+        decisions=tuple(_with_path(ctx.decisions[f], ctx.plans.get(f)) for f in order),
         path=ctx.path if any(d.replaced for d in ctx.decisions.values()) else "none",
         config=config.to_dict(),
         noop=ctx.noop,
@@ -223,6 +223,14 @@ def rewrite(
     out.einrewrite_report = report
     logger.info("einrewrite: %s", report.summary().splitlines()[0])
     return out, report
+
+
+def _with_path(decision: Decision, plan: Any) -> Decision:
+    """The decision with its contraction path at :data:`REPORT_TOKENS` tokens (replaced layers only)."""
+    if not decision.replaced or plan is None or decision.contraction is not None:
+        return decision
+    info = contraction_summary(getattr(plan, "spec", None))
+    return decision if info is None else dataclasses.replace(decision, contraction=info)
 
 
 def _class_path(model: nn.Module) -> str:

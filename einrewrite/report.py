@@ -13,9 +13,10 @@ from typing import Any
 from .errors import SavedModelError
 from .tables import format_table
 
-__all__ = ["Decision", "RewriteReport"]
+__all__ = ["REPORT_TOKENS", "Decision", "RewriteReport", "contraction_summary"]
 
 _REPORT_VERSION = 1
+REPORT_TOKENS = 2048  # the token count at which the report prices each layer's contraction path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,9 @@ class Decision:
         projection_error: ``‖W - Ŵ‖_F / ‖W‖_F`` of the projected weight (None with µP init or when skipped).
         weight_fqn: FQN of the dense weight this layer was built from.
         weight_layout: ``"out_in"`` (nn.Linear) or ``"in_out"`` (Conv1D, ``x @ w``) of that weight.
+        contraction: the contraction path chosen for the layer at ``contraction["tokens"]`` tokens (see
+            :func:`contraction_summary`): kind, order, steps, FLOPs per token, the priced cost, and the ONNX
+            lowering; None when skipped, or in reports written before it existed.
     """
 
     fqn: str
@@ -65,6 +69,7 @@ class Decision:
     projection_error: float | None = None
     weight_fqn: str | None = None
     weight_layout: str | None = None
+    contraction: dict[str, Any] | None = None
 
     @property
     def replaced(self) -> bool:
@@ -88,6 +93,49 @@ class Decision:
         if unknown:
             raise SavedModelError(f"report: unknown decision fields {sorted(unknown)} in {dict(data)!r}")
         return cls(**dict(data))
+
+
+def contraction_summary(spec: Any, tokens: int = REPORT_TOKENS) -> dict[str, Any] | None:
+    """How a structured layer of ``spec`` contracts at ``tokens`` tokens: what the report shows as its path.
+
+    Returns ``{"tokens", "kind", "order", "steps", "flops_per_token", "cost", "plan", "optimal", "onnx"}``:
+    ``kind``/``order``/``steps`` are :func:`einrewrite.contraction.plan_contraction`'s choice (the eager
+    forward, cached per token bucket), ``flops_per_token`` its forward FLOPs per token, ``cost`` its priced
+    cost of one call (FLOPs plus data movement in FLOP equivalents), ``plan`` a one-line description,
+    ``optimal`` opt_einsum's unrestricted path, and ``onnx`` the MatMul chain the exporter emits. None for
+    a spec that is not an :class:`~einrewrite.spec.EinsumSpec` or is dense.
+
+    Examples:
+        >>> from einrewrite import structure
+        >>> info = contraction_summary(structure("monarch", 1024, 1024))
+        >>> info["kind"], info["order"], info["flops_per_token"], info["tokens"]
+        ('bmm', 'xA', 131072, 2048)
+    """
+    from .contraction import plan_contraction
+    from .lowering import lowering_plan
+    from .spec import EinsumSpec
+
+    if not isinstance(spec, EinsumSpec) or spec.is_dense:
+        return None
+    plan = plan_contraction(spec, tokens)
+    return {
+        "tokens": tokens,
+        "kind": plan.kind,
+        "order": plan.order,
+        "steps": list(plan.steps),
+        "flops_per_token": plan.cost,
+        "cost": plan.total_cost,
+        "plan": plan.describe(),
+        "optimal": plan.optimal,
+        "onnx": lowering_plan(spec).describe(),
+    }
+
+
+def _path_text(info: dict[str, Any] | None) -> str:
+    """The table's short form of a contraction summary: ``bmm xA 98.3k FLOPs/tok``."""
+    if not info:
+        return "-"
+    return f"{info.get('kind', '?')} {info.get('order', '?')} {_num(info.get('flops_per_token'))} FLOPs/tok"
 
 
 def _num(n: int | None) -> str:
@@ -267,10 +315,13 @@ class RewriteReport:
                     f"{_num(d.params_before)} -> {_num(d.params_after)}",
                     f"{_num(d.macs_before)} -> {_num(d.macs_after)}{_pct(d.macs_after, d.macs_before) if d.replaced else ''}",
                     f"{max(errors):.3f}" if errors else "-",
+                    _path_text(d.contraction) if d.replaced else "-",
                     note,
                 )
             )
-        header = ("layer", "n", "kind", "shape", "decision", "params", "MACs/token", "proj. err", "note")
+        tokens = next((d.contraction["tokens"] for d in self.decisions if d.contraction), REPORT_TOKENS)
+        header = ("layer", "n", "kind", "shape", "decision", "params", "MACs/token", "proj. err",
+                  f"path @ {tokens} tok", "note")
         return format_table(header, rows) + "\n\n" + self.summary()
 
     def __str__(self) -> str:
