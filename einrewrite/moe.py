@@ -76,8 +76,8 @@ def router_losses(logits: Tensor, index: Tensor, num_experts: int) -> tuple[Tens
     logits = logits.float()
     probs = torch.softmax(logits, dim=-1)  # (N, E)
     p = probs.sum(0)  # (E,)
-    counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
-    counts = counts.scatter_add(0, index.reshape(-1), torch.ones(index.numel(), device=logits.device))  # (E,)
+    experts = torch.arange(num_experts, device=logits.device)
+    counts = (index.unsqueeze(-1) == experts).sum((0, 1)).float()  # (N, k, E) one-hot -> (E,) pairs per expert
     load = counts / counts.sum().clamp_min(1.0)
     switch = num_experts * ((p / p.sum().clamp_min(1e-30)) * load).sum()
     z = torch.logsumexp(logits, dim=-1).square().mean()
