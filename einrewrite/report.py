@@ -115,6 +115,9 @@ def contraction_summary(spec: Any, tokens: int = REPORT_TOKENS) -> dict[str, Any
     from .lowering import lowering_plan
     from .spec import EinsumSpec
 
+    expert = getattr(spec, "expert", None)
+    if isinstance(expert, EinsumSpec) and hasattr(spec, "top_k") and hasattr(spec, "num_experts"):
+        return _moe_summary(spec, expert, tokens)
     if not isinstance(spec, EinsumSpec) or spec.is_dense:
         return None
     plan = plan_contraction(spec, tokens)
@@ -128,6 +131,26 @@ def contraction_summary(spec: Any, tokens: int = REPORT_TOKENS) -> dict[str, Any
         "plan": plan.describe(),
         "optimal": plan.optimal,
         "onnx": lowering_plan(spec).describe(),
+    }
+
+
+def _moe_summary(spec: Any, expert: Any, tokens: int) -> dict[str, Any]:
+    """BTT-MoE: the router, then each expert's rank-1 BTT on the ~k/E share of tokens routed to it."""
+    from .contraction import plan_contraction
+
+    per_expert = max(1, tokens * spec.top_k // spec.num_experts)
+    plan = plan_contraction(expert, per_expert)
+    flops = 2 * int(spec.macs)  # router + k experts, per token
+    return {
+        "tokens": tokens,
+        "kind": f"moe top{spec.top_k}/{spec.num_experts}",
+        "order": plan.order,
+        "steps": list(plan.steps),
+        "flops_per_token": flops,
+        "cost": tokens * flops,
+        "plan": f"router, then per expert on ~{per_expert} tokens: {plan.describe()}",
+        "optimal": plan.optimal,
+        "onnx": "sparse: NonZero per expert, Gather, two MatMul per expert, ScatterND(add)",
     }
 
 

@@ -53,3 +53,11 @@ def test_reports_written_before_the_path_existed_still_load() -> None:
     old = RewriteReport.from_dict(payload)
     assert old.replaced[0].contraction is None
     assert "path @" in old.table()  # the column shows "-" for layers without a recorded path
+
+
+def test_moe_layers_report_their_routed_path() -> None:
+    spec = structure("btt_moe", 256, 256)
+    info = contraction_summary(spec)
+    assert info is not None and info["kind"] == f"moe top{spec.top_k}/{spec.num_experts}"
+    assert info["flops_per_token"] == 2 * spec.macs  # router + the k active experts
+    assert "per expert on ~512 tokens" in info["plan"] and "ScatterND" in info["onnx"]
