@@ -385,19 +385,22 @@ def _dense_dispatch(x: Tensor, A: Tensor, B: Tensor, index: Tensor, gates: Tenso
 
 
 def _sparse_dispatch(x: Tensor, A: Tensor, B: Tensor, index: Tensor, gates: Tensor) -> Tensor:
-    """Only the selected experts: group (token, slot) pairs by expert, gather, two bmm each, scatter-add.
+    """Only the selected experts: group the (token, slot) pairs by expert, gather, two bmm each, combine.
 
     x (N, γα), index/gates (N, k) -> (N, φε). A static loop over E; each expert's token count is the length
-    of a ``nonzero`` result, so nothing is read back to Python and ``torch.export`` sees unbacked sizes.
+    of a ``nonzero`` result, so nothing is read back to Python and ``torch.export`` sees unbacked sizes. Tokens
+    move only by gathers (no scatter-add, which is slow and serialises on CPU): the pairs are permuted into
+    expert order and back, and each token's k results are summed with their gates.
     """
     r, g, f, a = A.shape
     e = B.shape[2]
     n, k = index.shape
     flat = index.reshape(-1)  # (N·k,) expert of each (token, slot) pair
     groups = [torch.nonzero(flat == i).reshape(-1) for i in range(r)]  # pair ids of each expert
-    pairs = torch.cat(groups)  # (N·k,) pair ids, grouped by expert
-    tokens = torch.div(pairs, k, rounding_mode="floor")  # (N·k,) token of each pair
-    xs = x.index_select(0, tokens)  # (N·k, γα): tokens in expert order
+    order = torch.cat(groups)  # (N·k,) pair ids in expert order
+    position = torch.zeros(n * k, dtype=order.dtype, device=order.device)
+    position = position.scatter(0, order, torch.arange(order.shape[0], device=order.device))  # (N·k,) inverse
+    xs = _gather_pairs(x, order, position, k)  # (N·k, γα): each pair's token, in expert order
     outs = []
     for i, xe in enumerate(torch.split(xs, [grp.shape[0] for grp in groups])):
         m = xe.shape[0]
@@ -405,9 +408,56 @@ def _sparse_dispatch(x: Tensor, A: Tensor, B: Tensor, index: Tensor, gates: Tens
         z = torch.bmm(A[i], xt)  # (γ, φ, α) @ (γ, α, m) -> (γ, φ, m)
         y = torch.bmm(B[i], z.transpose(0, 1))  # (φ, ε, γ) @ (φ, γ, m) -> (φ, ε, m)
         outs.append(y.reshape(f * e, m).t())  # (m, φε) view
-    ys = torch.cat(outs) * gates.reshape(-1).index_select(0, pairs).unsqueeze(1)  # (N·k, φε) gated
-    out = torch.zeros(n, f * e, dtype=ys.dtype, device=ys.device)
-    return out.index_add(0, tokens, ys)  # (N, φε): Σ over each token's k pairs
+    ys = _permute_rows(torch.cat(outs), position, order)  # (N·k, φε): back in (token, slot) order
+    ys = ys.reshape(n, k, f * e)  # (N, k, φε)
+    out = ys[:, 0] * gates[:, 0:1]  # (N, φε)
+    for j in range(1, k):  # k is static: Σ_j g_j · y_j
+        out = torch.addcmul(out, ys[:, j], gates[:, j : j + 1])  # (N, φε)
+    return out
+
+
+def _gather_pairs(x: Tensor, order: Tensor, position: Tensor, k: int) -> Tensor:
+    """``x[order // k]`` (a token per pair); its gradient sums each token's k pairs with gathers only."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _GatherPairs.apply(x, order, position, k)  # type: ignore[no-any-return]
+    return x.index_select(0, torch.div(order, k, rounding_mode="floor"))  # (N·k, d)
+
+
+def _permute_rows(y: Tensor, position: Tensor, order: Tensor) -> Tensor:
+    """``y[position]`` for a permutation ``position`` whose inverse is ``order`` (gradient: ``g[order]``)."""
+    if torch.is_grad_enabled() and y.requires_grad and not torch.compiler.is_compiling():
+        return _PermuteRows.apply(y, position, order)  # type: ignore[no-any-return]
+    return y.index_select(0, position)
+
+
+class _GatherPairs(torch.autograd.Function):
+    """x (N, d) -> x[order // k] (N·k, d); backward: g[position] viewed (N, k, d), summed over k."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, order: Tensor, position: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(position)
+        ctx.k = k
+        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))  # (N·k, d)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (position,) = ctx.saved_tensors
+        pairs = grad.index_select(0, position)  # (N·k, d) in (token, slot) order
+        return pairs.reshape(-1, ctx.k, grad.shape[1]).sum(1), None, None, None  # (N, d)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """y -> y[position]; backward: g[order] (the inverse permutation), a gather instead of a scatter-add."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, position: Tensor, order: Tensor) -> Tensor:
+        ctx.save_for_backward(order)
+        return y.index_select(0, position)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None, None
 
 
 def moe_aux_loss(model: nn.Module) -> Tensor:
