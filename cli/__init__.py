@@ -13,6 +13,7 @@ from einrewrite import STRUCTURES, EinrewriteError, __version__
 
 from .commands import inspect_command, rewrite_command
 from .export import bench_command, export_command
+from .search import search_command
 from .table import format_table
 
 __all__ = ["main"]
@@ -79,6 +80,7 @@ main.add_command(inspect_command)
 main.add_command(rewrite_command)
 main.add_command(export_command)
 main.add_command(bench_command)
+main.add_command(search_command)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

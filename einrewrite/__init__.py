@@ -38,6 +38,10 @@ from .moe import BTTMoELinear, moe_aux_loss
 from .spec import EinsumSpec, Sizes, factorize
 from .structures import STRUCTURES, BTTMoE, register_structure, structure
 from .theta import Theta, parse_theta
+from .data import load_corpus
+from .gpt import GPT, GPTConfig, build_gpt
+from .train import TrainConfig, TrainResult, train
+from .search import SearchResult, search
 
 __version__ = "0.1.0"
 
@@ -92,4 +96,13 @@ __all__ = [
     "project_weight",
     "register_structure",
     "structure",
+    "GPT",
+    "GPTConfig",
+    "SearchResult",
+    "TrainConfig",
+    "TrainResult",
+    "build_gpt",
+    "load_corpus",
+    "search",
+    "train",
 ]

@@ -624,9 +624,11 @@ def _describe(cand: Candidate, model: nn.Module | None) -> tuple[str, str, dict[
     if cand.theta is not None:
         t = cand.theta
         return "einsum", str(t), _taxonomy(t, t.omega, t.psi, t.nu)
-    if cand.is_dense or model is None:
+    if cand.is_dense:
         dense = Theta(0, 0, 1, 0, 0, 1, 0)
-        return str(cand.structure), str(dense) if cand.is_dense else "", _taxonomy(dense, 0.0, 1.0, 1.0)
+        return "dense", str(dense), _taxonomy(dense, 0.0, 1.0, 1.0)
+    if model is None:  # a registry structure that was not sized: its taxonomy depends on the sizes
+        return str(cand.structure), "", {}
     spec = _spec_of(model)
     if spec is None:
         return str(cand.structure), "", {}

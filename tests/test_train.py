@@ -102,3 +102,21 @@ def test_config_errors(corpus) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(TrainingDivergedError, match="lower TrainConfig.lr"):
         train(GPT(SMALL), corpus, TrainConfig(steps=3, batch_size=4, block_size=16, lr=1e30, warmup=0,
                                               grad_clip=0, eval_batches=1))
+
+
+def test_moe_aux_loss_is_added_with_its_weight(corpus) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("einrewrite.moe")
+    moe = er.RewriteConfig(structure="btt", budget=er.FlopBudget(ratio=0.5), init="mup", min_features=1,
+                           overrides={"re:.*mlp\\..*": er.LayerOverride(structure="btt_moe",
+                                                                         budget=er.FlopBudget(ratio=1.0))})
+    states = []
+    for weight in (0.01, 0.0):
+        model, _ = build_gpt(SMALL, moe)
+        result = train(model, corpus, TrainConfig(steps=2, batch_size=4, block_size=16, warmup=1, eval_every=2,
+                                                  eval_batches=1, aux_loss_weight=weight))
+        states.append(model.state_dict())
+    router = "blocks.0.mlp.fc_in.router.weight"
+    assert router in states[0]
+    assert not torch.equal(states[0][router], states[1][router])  # the load-balancing loss moves the router
+    assert result.macs.structured == sum(m.macs for m in model.modules() if hasattr(m, "router") or
+                                         isinstance(m, er.EinsumLinear))
