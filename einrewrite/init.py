@@ -82,17 +82,39 @@ def _project_full(target: Tensor, spec: EinsumSpec) -> dict[str, Tensor]:
     a, b, g, d, e, f, r = spec.sizes
     blocks = target.reshape(f, e, d, g, b, a).permute(0, 3, 1, 4, 2, 5)  # (φ, γ, ε, β, δ, α)
     blocks = blocks.reshape(f * g, e * b, d * a)  # per (φ, γ): [(ε, β), (δ, α)]
-    u, sv, vh = torch.linalg.svd(blocks, full_matrices=False)  # u (φγ, εβ, k), vh (φγ, k, δα)
-    k = min(r, sv.shape[-1])
-    root = sv[:, :k].sqrt()  # (φγ, k)
-    left = u[:, :, :k] * root[:, None, :]  # (φγ, εβ, k)
-    right = vh[:, :k, :] * root[:, :, None]  # (φγ, k, δα)
+    left, right = _truncated_svd(blocks, r)  # (φγ, εβ, k), (φγ, k, δα)
+    k = left.shape[-1]
     if k < r:  # more bond than the block's rank: the extra slices are zero
         left = torch.nn.functional.pad(left, (0, r - k))
         right = torch.nn.functional.pad(right, (0, 0, 0, r - k))
     B = left.reshape(f, g, e, b, r).permute(0, 2, 1, 4, 3)  # (φ, ε, γ, ρ, β)
     A = right.reshape(f, g, r, d, a).permute(1, 2, 0, 3, 4)  # (γ, ρ, φ, δ, α)
     return {"A": A.contiguous(), "B": B.contiguous()}
+
+
+def _truncated_svd(blocks: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Best rank-``k`` factors ``L @ R`` of each matrix in ``blocks`` (batch, m, n), k = min(r, m, n).
+
+    The singular values are split evenly (``L = U√S``, ``R = √S Vᵀ``). Computed from the eigenvectors of the
+    smaller Gram matrix in float64: a batch of small symmetric eigenproblems is several times faster on CPU
+    than batched ``linalg.svd``, and the leading singular pairs (all a truncation keeps) come out to float32
+    accuracy.
+    """
+    m, n = blocks.shape[-2:]
+    k = min(r, m, n)
+    x = blocks.to(torch.float64)
+    tall = m >= n
+    xt = x.mT if tall else x  # (batch, short, long)
+    _, vecs = torch.linalg.eigh(xt @ xt.mT)  # eigenvalues ascending; vecs (batch, short, short)
+    u = vecs[..., -k:].flip(-1)  # (batch, short, k): leading singular vectors of the short side
+    p = u.mT @ xt  # (batch, k, long) = S_k V_kᵀ
+    sv = torch.linalg.vector_norm(p, dim=-1)  # (batch, k)
+    root = sv.sqrt()
+    safe = torch.where(sv > 0, root, torch.ones_like(root))
+    short_f = u * root[:, None, :]  # (batch, short, k)
+    long_f = torch.where(sv[..., None] > 0, p / safe[..., None], torch.zeros_like(p))  # (batch, k, long)
+    left, right = (long_f.mT, short_f.mT) if tall else (short_f, long_f)  # (batch, m, k), (batch, k, n)
+    return left.to(blocks.dtype), right.to(blocks.dtype)
 
 
 def param_groups(
