@@ -9,6 +9,8 @@ Pure functions of sizes: ``(structure, d_in, d_out, budget) -> spec``. Nothing h
   spend what is left greedily on the layers furthest below their share.
 
 A fixed structure instance (``BTT(rank=2)``, ``Einsum(theta=...)``) is not searched: it is bound and checked.
+An instance that leaves some hyper-parameters to the budget (``is_sized_by_budget``, e.g. ``BTTMoE(num_experts=16)``
+without splits) is searched over its ``sized_candidates(d_in, d_out)``, keeping what it fixes.
 """
 
 from __future__ import annotations
@@ -75,6 +77,11 @@ def _structure_name(structure: Any) -> str:
     return structure if isinstance(structure, str) else type(structure).name
 
 
+def _is_searched(structure: Any) -> bool:
+    """A registry name, or an instance that leaves some hyper-parameters to the budget."""
+    return isinstance(structure, str) or bool(getattr(structure, "is_sized_by_budget", False))
+
+
 def _rank_key(spec: Any) -> tuple[bool, float]:
     """Tie-break among equal MACs: full rank (ψ = 1) first, then less padding."""
     psi = getattr(spec, "psi", 1.0)
@@ -82,13 +89,16 @@ def _rank_key(spec: Any) -> tuple[bool, float]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _options(name: str, d_in: int, d_out: int) -> _Options:
-    cls = STRUCTURES[name]
+def _options(structure: Any, d_in: int, d_out: int) -> _Options:
+    if isinstance(structure, str):
+        hypers = STRUCTURES[structure].search_space(d_in, d_out)
+    else:  # an instance sized by the budget: its own candidates
+        hypers = structure.sized_candidates(d_in, d_out)
     dense = d_in * d_out
     best: dict[int, Any] = {}
     cheapest: Any | None = None
     error: str | None = None
-    for hyper in cls.search_space(d_in, d_out):
+    for hyper in hypers:
         try:
             spec = hyper.bind(d_in, d_out)
         except (EinrewriteError, ValueError) as e:
@@ -113,7 +123,7 @@ def candidate_specs(structure: Any, d_in: int, d_out: int) -> tuple[Any, ...]:
         >>> [s.hyper_dict["rank"] for s in candidate_specs("low_rank", 8, 8)]
         [1, 2, 3]
     """
-    if not isinstance(structure, str):
+    if not _is_searched(structure):
         return (structure.bind(d_in, d_out),)
     return _options(structure, d_in, d_out).specs
 
@@ -131,8 +141,8 @@ def _fixed(req: LayerRequest) -> Any:
 
 def _skip_or_none(req: LayerRequest) -> tuple[str, str] | None:
     """The skip reason of a searched structure with no candidate cheaper than dense, else None."""
-    name = req.structure
-    opts = _options(name, req.d_in, req.d_out)
+    name = _structure_name(req.structure)
+    opts = _options(req.structure, req.d_in, req.d_out)
     if opts.specs:
         return None
     if opts.cheapest is None:
@@ -162,7 +172,7 @@ def solve_layer(req: LayerRequest, ratio: float) -> LayerChoice:
         3
     """
     limit = math.floor(ratio * req.dense_macs + 1e-9)
-    if not isinstance(req.structure, str):
+    if not _is_searched(req.structure):
         spec = _fixed(req)
         if spec.macs > limit:
             raise BudgetInfeasibleError(
@@ -180,7 +190,8 @@ def solve_layer(req: LayerRequest, ratio: float) -> LayerChoice:
     if not fitting:
         least = specs[0]
         raise BudgetInfeasibleError(
-            f"{req.fqn}: {req.structure} needs >= {least.macs:,} MACs/token for a {req.d_in}->{req.d_out} layer "
+            f"{req.fqn}: {_structure_name(req.structure)} needs >= {least.macs:,} MACs/token for a "
+            f"{req.d_in}->{req.d_out} layer "
             f"(at {least.hyper_dict}) but the budget allows {limit:,} ({ratio:.4g}x of dense {req.dense_macs:,}); "
             f"raise the budget to at least {math.ceil(least.macs / req.dense_macs * 1e4) / 1e4:.4g} or exclude "
             f"'{req.fqn}'"
@@ -221,7 +232,7 @@ def solve(requests: Sequence[LayerRequest], budget: Any) -> list[LayerChoice]:
             choices[req.fqn] = solve_layer(req, req.ratio if req.ratio is not None else budget.ratio)
         elif req.ratio is not None:
             choices[req.fqn] = solve_layer(req, req.ratio)
-        elif not isinstance(req.structure, str):
+        elif not _is_searched(req.structure):
             spec = _fixed(req)
             choices[req.fqn] = LayerChoice(req.fqn, spec, spec.macs)
         else:
@@ -248,7 +259,7 @@ def _allocate(
         worst = max(range(len(flexible)), key=lambda i: options[i][0].macs, default=None)
         head = flexible[worst].fqn if worst is not None else "model"
         detail = (
-            f" ({head} alone needs >= {options[worst][0].macs:,} as {flexible[worst].structure})"
+            f" ({head} alone needs >= {options[worst][0].macs:,} as {_structure_name(flexible[worst].structure)})"
             if worst is not None
             else ""
         )

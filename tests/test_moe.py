@@ -186,6 +186,25 @@ def test_budget_sizes_the_experts_within_the_budget() -> None:
         er.solve_layer(er.LayerRequest("fc", 1024, 1024, "btt_moe"), 0.001)
 
 
+def test_budget_keeps_given_experts_and_sizes_the_blocks() -> None:
+    sized = BTTMoE(num_experts=16, top_k=1)  # splits left to the budget
+    assert sized.is_sized_by_budget
+    chosen = {}
+    for ratio in (0.05, 0.3):
+        spec = er.solve_layer(er.LayerRequest("fc", 768, 768, sized), ratio).spec
+        assert spec is not None and (spec.num_experts, spec.top_k) == (16, 1)
+        assert spec.macs <= ratio * 768 * 768
+        chosen[ratio] = spec
+    assert chosen[0.05].macs < chosen[0.3].macs  # the blocks grow with the budget
+    fixed = BTTMoE(num_experts=16, top_k=1, in_split=0.5, out_split=0.5)
+    assert not fixed.is_sized_by_budget
+    assert er.solve_layer(er.LayerRequest("fc", 768, 768, fixed), 0.3).spec == fixed.bind(768, 768)
+    with pytest.raises(er.BudgetInfeasibleError, match="fc: btt_moe needs"):
+        er.solve_layer(er.LayerRequest("fc", 768, 768, sized), 0.001)
+    config = er.RewriteConfig(structure=sized, budget=er.FlopBudget(ratio=0.3))
+    assert er.RewriteConfig.from_dict(json.loads(json.dumps(config.to_dict()))).structure == sized
+
+
 def test_mup_init_as_if_rank_one() -> None:
     layer = BTTMoELinear(1024, 1024, num_experts=8)
     assert layer.router.weight.abs().max() == 0

@@ -41,18 +41,34 @@ def _check_experts(num_experts: object, top_k: object) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BTTMoE:
-    """BTT-MoE with ``num_experts`` rank-1 BTT experts, ``top_k`` active per token, and the θ split of each side."""
+    """BTT-MoE with ``num_experts`` rank-1 BTT experts, ``top_k`` active per token, and the θ split of each side.
+
+    Splits left as None are chosen by the FLOP budget (keeping E and k: ``BTTMoE(num_experts=16)`` in a
+    ``RewriteConfig`` sizes the experts' blocks per layer); bound directly, None means the balanced 0.5.
+    """
 
     name: ClassVar[str] = "btt_moe"
     num_experts: int = 8
     top_k: int = 2
-    in_split: float = 0.5
-    out_split: float = 0.5
+    in_split: float | None = None
+    out_split: float | None = None
 
     def __post_init__(self) -> None:
         _check_experts(self.num_experts, self.top_k)
-        check_fraction(self.name, "in_split", self.in_split)
-        check_fraction(self.name, "out_split", self.out_split)
+        if self.in_split is not None:
+            check_fraction(self.name, "in_split", self.in_split)
+        if self.out_split is not None:
+            check_fraction(self.name, "out_split", self.out_split)
+
+    @property
+    def is_sized_by_budget(self) -> bool:
+        """Whether the budget solver picks the splits (both left as None)."""
+        return self.in_split is None and self.out_split is None
+
+    def sized_candidates(self, d_in: int, d_out: int) -> Iterator[BTTMoE]:
+        """This E and k with each split of the search grid (what the budget solver tries)."""
+        for in_split, out_split in _SPLITS:
+            yield BTTMoE(num_experts=self.num_experts, top_k=self.top_k, in_split=in_split, out_split=out_split)
 
     def bind(self, d_in: int, d_out: int) -> MoESpec:
         """The layer plan for a (d_in, d_out) layer.
@@ -64,14 +80,14 @@ class BTTMoE:
         """
         return MoESpec(
             d_in=d_in, d_out=d_out, num_experts=self.num_experts, top_k=self.top_k,
-            in_split=self.in_split, out_split=self.out_split,
+            in_split=0.5 if self.in_split is None else self.in_split,
+            out_split=0.5 if self.out_split is None else self.out_split,
         )
 
     @classmethod
     def search_space(cls, d_in: int, d_out: int) -> Iterator[BTTMoE]:
         """The experts' block shapes (θ splits) at the default E = 8, k = 2; the solver keeps what fits."""
-        for in_split, out_split in _SPLITS:
-            yield cls(in_split=in_split, out_split=out_split)
+        yield from cls().sized_candidates(d_in, d_out)
 
     @classmethod
     def example(cls) -> BTTMoE:
