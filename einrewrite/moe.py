@@ -9,9 +9,16 @@ Two dispatch paths compute the same function:
 * ``"dense"``: every expert on every token, the rank slices of the intermediate masked by the (mostly zero)
   gate vector, as the paper's code does (E/k times the counted work). The reference.
 * ``"sparse"``: the (token, slot) pairs are grouped by expert with one ``nonzero`` per expert (a static loop
-  over E), the tokens are gathered once, each expert runs as two batched matmuls on its own tokens, and the
-  gated results are scatter-added back. No ``.item()``, no data-dependent Python branches: ``torch.export``,
-  ONNX (NonZero / Gather / ScatterND) and ``torch.compile`` take it as it is.
+  over E), the tokens are gathered once in expert order, each expert runs as two batched matmuls on its own
+  tokens, and the results are gathered back into (token, slot) order and summed with their gates. Tokens move
+  only by gathers, also in the backward (a scatter-add is slow and serial on CPU). No ``.item()``, no
+  data-dependent Python branches: ``torch.export``, ONNX (NonZero, Split, Gather, ScatterElements for the
+  inverse permutation) and ``torch.compile`` take it as it is.
+
+Speed (``benchmarks/moe.py``, d = 1024, 4096 tokens, k = 2, fp32 CPU, one thread, shared machine): sparse
+dispatch ran 2.8x faster than dense dispatch at E = 8 and 5.5x at E = 16, forward and forward+backward alike
+(ideal 4x and 8x); the difference to the ideal is data movement (gather, a transposing concatenation, the
+gather back), which the dense path does not need per expert.
 
 Ties in the router (all logits equal at zero init) are broken by expert index (k rounds of first-maximum
 ``argmax``), so both paths, and ONNX Runtime, route them to experts 0..k-1.
