@@ -169,6 +169,8 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
+    # torch.export's shape guards fail on strided views (e.g. ids[:2, :8]): export with compact copies
+    args, kwargs = tree_map(lambda t: t.contiguous() if isinstance(t, Tensor) else t, (args, kwargs))
     names = resolve_providers(providers) if check else []
     work = copy.deepcopy(model).eval()
     if dtype == "float16":

@@ -155,3 +155,13 @@ def test_rewritten_gpt2_on_the_cuda_provider_in_float16(tmp_path: Path) -> None:
                          dtype="float16", providers="cuda")
     assert result.checked and result.providers_used[0] == "CUDAExecutionProvider"
     assert "Einsum" not in result.op_counts
+
+
+def test_strided_example_inputs_export(tmp_path: Path) -> None:
+    """A slice of a batch (a non-contiguous view) is a valid example input; torch.export's guards reject it."""
+    model = nn.Sequential(nn.Embedding(128, 64), nn.Linear(64, 64))
+    new, _ = rewrite(model, RewriteConfig(structure="btt"), torch.randint(0, 128, (2, 8)))
+    ids = torch.randint(0, 128, (4, 32))[:2, :8]
+    assert not ids.is_contiguous()
+    report = export_onnx(new, (ids,), tmp_path / "strided.onnx")
+    assert report.checked
