@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_onnx_benchmark_quick_prints_ratios() -> None:
     result = subprocess.run(
-        [sys.executable, "benchmarks/onnx.py", "--quick", "--repeats", "1"],
+        [sys.executable, "benchmarks/onnx.py", "--quick", "--repeats", "1", "--structures", "btt"],
         cwd=ROOT,
         capture_output=True,
         text=True,
