@@ -16,13 +16,14 @@ from .errors import (
     StructureMismatchError,
     TraceError,
 )
-from .export import ExportReport, export_onnx
+from .export import ExportReport, export_onnx, export_saved
 from .api import (
     Inspection,
     LoadedModel,
     ModelSourceError,
     default_example_inputs,
     inspect_model,
+    load_base_model,
     load_model,
     load_pretrained,
     rewrite,
@@ -63,6 +64,7 @@ __all__ = [
     "candidate_specs",
     "default_example_inputs",
     "inspect_model",
+    "load_base_model",
     "load_model",
     "load_pretrained",
     "rewrite",
@@ -88,6 +90,7 @@ __all__ = [
     "TraceError",
     "__version__",
     "export_onnx",
+    "export_saved",
     "factorize",
     "moe_aux_loss",
     "mup_std",

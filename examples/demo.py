@@ -2,7 +2,8 @@
 
 1. One 1024x1024 layer rewritten into every registered structure (examples/structures_demo.py).
 2. A built-in small GPT (examples/tiny_gpt.py): inspect, rewrite to BTT at 25% of the linear-layer FLOPs, the
-   report, save, reload and check the reloaded outputs equal the rewritten ones (examples/rewrite_demo.py).
+   report, save, reload and check the reloaded outputs equal the rewritten ones, then export the rewritten
+   and the dense model to ONNX and run both in ONNX Runtime: parity and speed (examples/rewrite_demo.py).
 """
 
 from __future__ import annotations
