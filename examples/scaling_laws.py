@@ -22,6 +22,7 @@ import argparse
 import csv
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offset", choices=["none", "fit"], default="none", help="fit L = a·C^-b (none) or + c (fit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with --quick, else torch's)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs in parallel, one thread each (default: 2 on 2+ cores; 1 with --quick)")
     return p.parse_args(argv)
 
 
@@ -102,46 +105,77 @@ def build(arm: Arm, width: int, s: dict[str, Any], vocab: int, seed: int) -> tor
     return model
 
 
-def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
-    s = settings(args)
-    corpus = load_corpus(vocab="char", max_bytes=s["corpus_bytes"])
-    print(corpus.describe(), flush=True)
-    arms = [a for a in ARMS if not args.only or any(o in a.label for o in args.only)]
+_CORPUS: dict[int, Any] = {}  # per process: the corpus, loaded once
+
+
+def _corpus(max_bytes: int) -> Any:
+    if max_bytes not in _CORPUS:
+        _CORPUS[max_bytes] = load_corpus(vocab="char", max_bytes=max_bytes)
+    return _CORPUS[max_bytes]
+
+
+def run_one(arm_index: int, width: int, s: dict[str, Any], args: argparse.Namespace,
+            threads: int | None) -> tuple[str, list[dict[str, Any]], float]:
+    """Train one (structure, width) run; returns (log line, evaluation rows, projected seconds for --estimate)."""
+    if threads:
+        torch.set_num_threads(threads)
+    arm = ARMS[arm_index]
+    corpus = _corpus(s["corpus_bytes"])
     cfg = TrainConfig(steps=s["steps"], batch_size=s["batch_size"], block_size=s["block_size"], lr=args.lr,
                       warmup=max(1, s["steps"] // 10), eval_points=s["eval_points"], eval_batches=s["eval_batches"],
                       seed=args.seed)
-    rows: list[dict[str, Any]] = []
-    projected = 0.0
-    for arm in arms:
-        for width in arm.quick_widths if args.quick else arm.widths:
-            try:
-                model = build(arm, width, s, corpus.vocab.size, args.seed)
-            except er.EinrewriteError as e:
-                print(f"  {arm.label} @ {width}: skipped ({str(e).splitlines()[0][:120]})", flush=True)
-                continue
-            if args.estimate:  # one warm-up step (first-call costs), then time 3 steps
-                probe = {**cfg.to_dict(), "eval_points": 0, "eval_batches": 1, "betas": cfg.betas}
-                train(model, corpus, TrainConfig(**{**probe, "steps": 1, "eval_every": 1}))
-                start = time.perf_counter()
-                train(model, corpus, TrainConfig(**{**probe, "steps": 3, "eval_every": 3}))
-                per_step = (time.perf_counter() - start) / 3.5  # 3 steps + 2 one-batch evaluations
-                evals = len(cfg.eval_steps()) * s["eval_batches"] * per_step / 3  # eval ≈ a third of a step
-                projected += per_step * s["steps"] + evals
-                print(f"  {arm.label} @ {width}: ~{per_step * s['steps'] + evals:.0f} s", flush=True)
-                continue
-            start = time.perf_counter()
-            result = train(model, corpus, cfg)
-            print(f"  {arm.label} @ {width}: {result.params:,} params, {result.macs.total:,} MACs/token, "
-                  f"val {result.final_val_loss:.4f} in {time.perf_counter() - start:.1f} s", flush=True)
-            for point in result.history:
-                if point.step == 0:
-                    continue  # no compute spent yet: not a point of a log-log frontier
-                rows.append({"structure": arm.label, "width": width, "params": result.params,
-                             "macs_per_token": result.macs.total, "step": point.step, "tokens": point.tokens,
-                             "compute": point.compute, "val_loss": point.val_loss})
+    try:
+        model = build(arm, width, s, corpus.vocab.size, args.seed)
+    except er.EinrewriteError as e:
+        return f"  {arm.label} @ {width}: skipped ({str(e).splitlines()[0][:120]})", [], 0.0
+    if args.estimate:  # one warm-up step (first-call costs), then time 3 steps
+        probe = {**cfg.to_dict(), "eval_points": 0, "eval_batches": 1, "betas": cfg.betas}
+        train(model, corpus, TrainConfig(**{**probe, "steps": 1, "eval_every": 1}))
+        start = time.perf_counter()
+        train(model, corpus, TrainConfig(**{**probe, "steps": 3, "eval_every": 3}))
+        per_step = (time.perf_counter() - start) / 3.5  # 3 steps + 2 one-batch evaluations
+        seconds = per_step * s["steps"] + len(cfg.eval_steps()) * s["eval_batches"] * per_step / 3  # eval ≈ 1/3 step
+        return f"  {arm.label} @ {width}: ~{seconds:.0f} s", [], seconds
+    start = time.perf_counter()
+    result = train(model, corpus, cfg)
+    line = (f"  {arm.label} @ {width}: {result.params:,} params, {result.macs.total:,} MACs/token, "
+            f"val {result.final_val_loss:.4f} in {time.perf_counter() - start:.1f} s")
+    rows = [{"structure": arm.label, "width": width, "params": result.params, "macs_per_token": result.macs.total,
+             "step": p.step, "tokens": p.tokens, "compute": p.compute, "val_loss": p.val_loss}
+            for p in result.history if p.step > 0]  # step 0 spent no compute: not a point of a log-log frontier
+    return line, rows, 0.0
+
+
+def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (structure, width) run, ``--jobs`` at a time (one torch thread each when running in parallel)."""
+    s = settings(args)
+    print(_corpus(s["corpus_bytes"]).describe(), flush=True)
+    runs = [(i, w) for i, arm in enumerate(ARMS) if not args.only or any(o in arm.label for o in args.only)
+            for w in (arm.quick_widths if args.quick else arm.widths)]
+    runs.sort(key=lambda r: -r[1])  # widest first: the pool ends with short runs
+    jobs = max(1, min(args.jobs, len(runs)))
+    threads = 1 if jobs > 1 else None
+    results: list[tuple[int, int, tuple[str, list[dict[str, Any]], float]]] = []
+    if jobs == 1:
+        for i, w in runs:
+            results.append((i, w, run_one(i, w, s, args, threads)))
+            print(results[-1][2][0], flush=True)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_one, i, w, s, args, threads): (i, w) for i, w in runs}
+            for future in as_completed(futures):
+                i, w = futures[future]
+                results.append((i, w, future.result()))
+                print(results[-1][2][0], flush=True)
+    results.sort(key=lambda r: (r[0], r[1]))
     if args.estimate:
-        print(f"projected total: ~{projected / 60:.1f} min (plus start-up)")
-    return rows
+        total = sum(r[2][2] for r in results)
+        print(f"projected total: ~{total / 60:.1f} min of runs, ~{total / 60 / jobs:.1f} min with --jobs {jobs} "
+              "(plus start-up)")
+    return [row for _, _, (_, rows, _) in results for row in rows]
 
 
 def analyse(rows: list[dict[str, Any]], offset: str) -> tuple[dict[str, list[tuple[float, float]]], dict[str, PowerLaw | None]]:
@@ -229,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)  # tiny models: more threads only contend
+    if args.jobs is None:
+        args.jobs = 1 if args.quick else min(2, os.cpu_count() or 1)
     start = time.perf_counter()
     rows = run_sweep(args)
     if args.estimate:
