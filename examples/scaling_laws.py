@@ -54,12 +54,12 @@ class Arm:
 ARMS = (
     Arm("dense", None, (32, 48, 64, 96, 128), (16, 32)),
     Arm("btt ω=0 ψ=1 (.33|0|.67|0|.67|.33|.25)", Einsum(theta="(.33|0|.67|0|.67|.33|.25)"),
-        (64, 96, 128, 192, 256), (32, 48)),
+        (48, 64, 96, 128, 192), (32, 48)),
     Arm("low-rank btt ψ<1 (.67|0|.33|0|.67|.33|0)", Einsum(theta="(.67|0|.33|0|.67|.33|0)"),
-        (64, 96, 128, 192, 256), (32, 48)),
+        (48, 64, 96, 128, 192), (32, 48)),
     Arm("kronecker ω>0 (.5|.5|0|.5|.5|0|.25)", Einsum(theta="(.5|.5|0|.5|.5|0|.25)"),
-        (64, 96, 128, 192, 256), (32, 48)),
-    Arm("btt-moe E=8 k=2", BTTMoE(num_experts=8, top_k=2), (64, 96, 128, 192), (32, 48)),
+        (48, 64, 96, 128, 192), (32, 48)),
+    Arm("btt-moe E=8 k=2", BTTMoE(num_experts=8, top_k=2), (48, 64, 96, 128), (32, 48)),
 )
 
 
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny widths and steps: a smoke run in under a minute")
     p.add_argument("--estimate", action="store_true", help="time 3 steps of every run and print the projected total")
     p.add_argument("--out", default="scaling_out", help="output directory (default: scaling_out)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 300; quick 12)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 240; quick 12)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 16; quick 8)")
     p.add_argument("--block-size", type=int, default=None, help="context length (default 64; quick 32)")
     p.add_argument("--layers", type=int, default=None, help="transformer blocks (default 2; quick 1)")
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     return {
-        "steps": args.steps or (12 if quick else 300),
+        "steps": args.steps or (12 if quick else 240),
         "batch_size": args.batch_size or (8 if quick else 16),
         "block_size": args.block_size or (32 if quick else 64),
         "layers": args.layers or (1 if quick else 2),

@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from einrewrite.data import load_corpus
+from einrewrite.moe import BTTMoELinear
+from einrewrite.train import TrainConfig, train
+
 # The worker is a script (torchrun runs files); the test also execs it to build the single-process reference.
 WORKER = '''
 from __future__ import annotations
@@ -21,14 +25,12 @@ import torch
 import einrewrite as er
 from einrewrite.data import load_corpus
 from einrewrite.gpt import GPTConfig, build_gpt
-from einrewrite.structures import STRUCTURES
 from einrewrite.train import TrainConfig, train
-
-HAS_MOE = "btt_moe" in STRUCTURES
 
 
 def build() -> tuple[torch.nn.Module, TrainConfig]:
-    overrides = {"re:.*mlp\\\\..*": er.LayerOverride(structure="btt_moe", budget=er.FlopBudget(ratio=1.0))} if HAS_MOE else {}
+    # BTT in attention, BTT-MoE (router, top-k, aux loss) in the MLP
+    overrides = {"re:.*mlp\\\\..*": er.LayerOverride(structure="btt_moe", budget=er.FlopBudget(ratio=1.0))}
     config = er.RewriteConfig(structure="btt", budget=er.FlopBudget(ratio=0.5), init="mup", min_features=1,
                               overrides=overrides)
     model, _ = build_gpt(GPTConfig(d_model=32, d_head=16, n_layer=1, block_size=16), config, seed=0)
@@ -60,20 +62,13 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path: 
 
     namespace: dict[str, object] = {"__name__": "ddp_reference"}
     exec(compile(WORKER, str(script), "exec"), namespace)
-    from einrewrite.data import load_corpus
-    from einrewrite.train import TrainConfig, train
-
     model, cfg = namespace["build"]()  # type: ignore[operator]
-    if namespace["HAS_MOE"]:
-        from einrewrite.moe import BTTMoELinear
-
-        assert any(isinstance(m, BTTMoELinear) for m in model.modules())
+    assert sum(isinstance(m, BTTMoELinear) for m in model.modules()) == 2
     # one process with the two micro-batches the two ranks took: the same global batch, the same router inputs
     single = TrainConfig(**{**cfg.to_dict(), "grad_accum": 2, "betas": cfg.betas})
     result = train(model, load_corpus(max_bytes=100_000), single)
     state = model.state_dict()
     assert set(state) == set(ddp["state"])
-    moved = 0
     for name, value in state.items():
         torch.testing.assert_close(ddp["state"][name], value, rtol=1e-4, atol=1e-6, msg=name)
     fresh, _ = namespace["build"]()  # type: ignore[operator]
