@@ -12,7 +12,7 @@ Two dispatch paths compute the same function:
   over E), the tokens are gathered once in expert order, each expert runs as two batched matmuls on its own
   tokens, and the results are gathered back into (token, slot) order and summed with their gates. Tokens move
   only by gathers, also in the backward (a scatter-add is slow and serial on CPU). No ``.item()``, no
-  data-dependent Python branches: ``torch.export``, ONNX (NonZero, Split, Gather, ScatterElements for the
+  data-dependent Python branches: ``torch.export``, ONNX (NonZero, Split, Gather, ScatterND for the
   inverse permutation) and ``torch.compile`` take it as it is.
 
 Speed (``benchmarks/moe.py``, d = 1024, 4096 tokens, k = 2, fp32 CPU, one thread, shared machine): sparse
@@ -406,7 +406,7 @@ def _sparse_dispatch(x: Tensor, A: Tensor, B: Tensor, index: Tensor, gates: Tens
     groups = [torch.nonzero(flat == i).reshape(-1) for i in range(r)]  # pair ids of each expert
     order = torch.cat(groups)  # (N·k,) pair ids in expert order
     position = torch.zeros(n * k, dtype=order.dtype, device=order.device)
-    position = position.scatter(0, order, torch.arange(order.shape[0], device=order.device))  # (N·k,) inverse
+    position = position.index_put((order,), torch.arange(order.shape[0], device=order.device))  # (N·k,) inverse
     xs = _gather_pairs(x, order, position, k)  # (N·k, γα): each pair's token, in expert order
     outs = []
     for i, xe in enumerate(torch.split(xs, [grp.shape[0] for grp in groups])):
