@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,14 @@ import einrewrite as er
 from einrewrite.gpt import GPT, GPTConfig, ModelConfigError, build_gpt, zero_init_residual_outputs
 
 SMALL = GPTConfig(d_model=32, d_head=16, n_layer=2, block_size=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only contend
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_forward_shape_and_causality() -> None:
