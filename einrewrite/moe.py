@@ -396,8 +396,9 @@ def _sparse_dispatch(x: Tensor, A: Tensor, B: Tensor, index: Tensor, gates: Tens
 
     x (N, γα), index/gates (N, k) -> (N, φε). A static loop over E; each expert's token count is the length
     of a ``nonzero`` result, so nothing is read back to Python and ``torch.export`` sees unbacked sizes. Tokens
-    move only by gathers (no scatter-add, which is slow and serialises on CPU): the pairs are permuted into
-    expert order and back, and each token's k results are summed with their gates.
+    move only by gathers and row copies (no scatter-add, which is slow and serialises on CPU), also backward:
+    the pairs' tokens are gathered in expert order, each expert's results are copied to their pairs, and each
+    token's k results are summed with their gates.
     """
     r, g, f, a = A.shape
     e = B.shape[2]
@@ -405,9 +406,7 @@ def _sparse_dispatch(x: Tensor, A: Tensor, B: Tensor, index: Tensor, gates: Tens
     flat = index.reshape(-1)  # (N·k,) expert of each (token, slot) pair
     groups = [torch.nonzero(flat == i).reshape(-1) for i in range(r)]  # pair ids of each expert
     order = torch.cat(groups)  # (N·k,) pair ids in expert order
-    position = torch.zeros(n * k, dtype=order.dtype, device=order.device)
-    position = position.index_put((order,), torch.arange(order.shape[0], device=order.device))  # (N·k,) inverse
-    xs = _gather_pairs(x, order, position, k)  # (N·k, γα): each pair's token, in expert order
+    xs = _gather_pairs(x, order, k)  # (N·k, γα): each pair's token, in expert order
     outs = []
     for i, xe in enumerate(torch.split(xs, [grp.shape[0] for grp in groups])):
         m = xe.shape[0]
@@ -415,7 +414,7 @@ def _sparse_dispatch(x: Tensor, A: Tensor, B: Tensor, index: Tensor, gates: Tens
         z = torch.bmm(A[i], xt)  # (γ, φ, α) @ (γ, α, m) -> (γ, φ, m)
         y = torch.bmm(B[i], z.transpose(0, 1))  # (φ, ε, γ) @ (φ, γ, m) -> (φ, ε, m)
         outs.append(y.reshape(f * e, m).t())  # (m, φε) view
-    ys = _permute_rows(torch.cat(outs), position, order)  # (N·k, φε): back in (token, slot) order
+    ys = _to_pair_order(outs, groups, order, n * k)  # (N·k, φε) in (token, slot) order
     ys = ys.reshape(n, k, f * e)  # (N, k, φε)
     out = ys[:, 0] * gates[:, 0:1]  # (N, φε)
     for j in range(1, k):  # k is static: Σ_j g_j · y_j
@@ -423,18 +422,34 @@ def _sparse_dispatch(x: Tensor, A: Tensor, B: Tensor, index: Tensor, gates: Tens
     return out
 
 
-def _gather_pairs(x: Tensor, order: Tensor, position: Tensor, k: int) -> Tensor:
+def _inverse(order: Tensor) -> Tensor:
+    """The inverse permutation, ``position[order[i]] = i`` (ONNX ScatterND)."""
+    position = torch.zeros_like(order)
+    return position.index_put((order,), torch.arange(order.shape[0], device=order.device))
+
+
+def _gather_pairs(x: Tensor, order: Tensor, k: int) -> Tensor:
     """``x[order // k]`` (a token per pair); its gradient sums each token's k pairs with gathers only."""
     if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
-        return _GatherPairs.apply(x, order, position, k)  # type: ignore[no-any-return]
+        return _GatherPairs.apply(x, order, _inverse(order), k)  # type: ignore[no-any-return]
     return x.index_select(0, torch.div(order, k, rounding_mode="floor"))  # (N·k, d)
 
 
-def _permute_rows(y: Tensor, position: Tensor, order: Tensor) -> Tensor:
-    """``y[position]`` for a permutation ``position`` whose inverse is ``order`` (gradient: ``g[order]``)."""
-    if torch.is_grad_enabled() and y.requires_grad and not torch.compiler.is_compiling():
-        return _PermuteRows.apply(y, position, order)  # type: ignore[no-any-return]
-    return y.index_select(0, position)
+def _to_pair_order(outs: list[Tensor], groups: list[Tensor], order: Tensor, pairs: int) -> Tensor:
+    """Expert outputs (m_i, φε) (transposed views) -> one (N·k, φε) tensor in (token, slot) order.
+
+    Each expert's rows are copied straight to their pairs (one transposing copy). With gradients a custom
+    backward gathers each expert's rows of the gradient (autograd's would clone the whole buffer once per
+    expert); under ``torch.compile`` with gradients the concatenation is gathered back by the inverse order.
+    """
+    if torch.is_grad_enabled() and any(o.requires_grad for o in outs):
+        if torch.compiler.is_compiling():
+            return torch.cat(outs).index_select(0, _inverse(order))  # (N·k, φε)
+        return _ToPairOrder.apply(pairs, *outs, *groups)  # type: ignore[no-any-return]
+    out = outs[0].new_empty(pairs, outs[0].shape[1])  # (N·k, φε)
+    for grp, y in zip(groups, outs, strict=True):
+        out.index_copy_(0, grp, y)  # expert i's rows to its pairs (ONNX ScatterND)
+    return out
 
 
 class _GatherPairs(torch.autograd.Function):
@@ -453,18 +468,24 @@ class _GatherPairs(torch.autograd.Function):
         return pairs.reshape(-1, ctx.k, grad.shape[1]).sum(1), None, None, None  # (N, d)
 
 
-class _PermuteRows(torch.autograd.Function):
-    """y -> y[position]; backward: g[order] (the inverse permutation), a gather instead of a scatter-add."""
+class _ToPairOrder(torch.autograd.Function):
+    """``out[groups[i]] = outs[i]`` for every expert; backward: ``grad[groups[i]]`` per expert (gathers)."""
 
     @staticmethod
-    def forward(ctx: Any, y: Tensor, position: Tensor, order: Tensor) -> Tensor:
-        ctx.save_for_backward(order)
-        return y.index_select(0, position)
+    def forward(ctx: Any, pairs: int, *tensors: Tensor) -> Tensor:
+        half = len(tensors) // 2
+        outs, groups = tensors[:half], tensors[half:]
+        ctx.save_for_backward(*groups)
+        out = outs[0].new_empty(pairs, outs[0].shape[1])  # (N·k, φε)
+        for grp, y in zip(groups, outs, strict=True):
+            out.index_copy_(0, grp, y)
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (order,) = ctx.saved_tensors
-        return grad.index_select(0, order), None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        groups = ctx.saved_tensors
+        grads = tuple(grad.index_select(0, grp) for grp in groups)  # (m_i, φε) each
+        return (None, *grads, *(None for _ in groups))
 
 
 def moe_aux_loss(model: nn.Module) -> Tensor:

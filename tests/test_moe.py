@@ -380,12 +380,11 @@ def _check_sparse_graph(path: Path, experts: int) -> None:
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
     assert "Einsum" not in ops
-    assert ops.count("NonZero") >= experts and "Split" in ops
-    assert "ScatterND" in ops or "ScatterElements" in ops
-    # every per-expert MatMul reads a Split output (its expert's tokens), not the whole batch
+    assert ops.count("NonZero") >= experts and "Gather" in ops and "ScatterND" in ops
+    # every per-expert MatMul reads its expert's tokens (selected through NonZero), not the whole batch
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     assert len(matmuls) >= 2 * experts
-    assert all("Split" in _ancestors(graph, n.input[0]) | _ancestors(graph, n.input[1]) for n in matmuls)
+    assert all("NonZero" in _ancestors(graph, n.input[0]) | _ancestors(graph, n.input[1]) for n in matmuls)
 
 
 def _run_ort(path: Path, x: Tensor) -> Tensor:
