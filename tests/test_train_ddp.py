@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,14 @@ if __name__ == "__main__":
         torch.save({"state": model.state_dict(), "val": result.final_val_loss}, sys.argv[1])
     dist.destroy_process_group()
 '''
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the in-process reference run: a tiny model, threads only contend
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
