@@ -8,7 +8,9 @@ Every evaluation of every run is a point (training compute C, validation loss L)
 * with an offset (``offset="fit"``): ``c`` is searched in ``[0, min L)`` (golden section on the residual of the
   log-log fit of ``L − c``), then ``a, b`` by least squares as above. A fixed ``offset=c`` is also accepted.
 
-Only numpy is used (no scipy).
+The paper's notebooks take a convex hull in log-log space and add back points within 5% of it; the plain
+Pareto staircase used here keeps only points that improve on every cheaper point, which is what the fit needs
+and has no tolerance to tune. Only numpy is used (no scipy).
 
 Examples:
     >>> pts = [(1e6, 3.0), (1e7, 3.0 * 10 ** -0.2), (1e8, 3.0 * 10 ** -0.4), (1e8, 4.0)]

@@ -6,7 +6,8 @@ with warmup then a constant learning rate, and record (training compute, validat
 Then take each structure's Pareto frontier, fit ``L = a·C^-b`` to it, and write:
 
 * ``points.csv``: every evaluation (structure, width, params, MACs/token, step, tokens, compute, loss, frontier);
-* ``fits.csv``: the power law of each structure and its loss at a common compute;
+* ``fits.csv``: the power law of each structure, its loss at a common compute and its compute multiplier
+  over dense (geometric mean over its frontier points inside dense's loss range);
 * ``scaling_laws.png``: loss vs compute, log-log, points, frontiers and fits.
 
 Compute is 6 × active forward MACs/token × tokens (MoE counts only the k active experts, as the paper does).
@@ -34,7 +35,7 @@ import torch
 import einrewrite as er
 from einrewrite.data import load_corpus
 from einrewrite.gpt import GPTConfig, build_gpt
-from einrewrite.scaling import FitError, PowerLaw, fit_power_law, pareto_frontier
+from einrewrite.scaling import FitError, PowerLaw, compute_multiplier, fit_power_law, pareto_frontier
 from einrewrite.structures import BTTMoE, Einsum
 from einrewrite.train import TrainConfig, train
 
@@ -204,6 +205,24 @@ def common_compute(frontiers: dict[str, list[tuple[float, float]]]) -> float | N
     return math.sqrt(lo * hi) if lo < hi else None
 
 
+def dense_multiplier(label: str, frontiers: dict[str, list[tuple[float, float]]],
+                     fits: dict[str, PowerLaw | None]) -> float | None:
+    """Geometric mean over the frontier points inside dense's loss range of (dense compute for that loss) / compute.
+
+    Above 1: the structure reaches those losses with less compute than dense (the paper's Fig. 6 multiplier).
+    """
+    dense, front = fits.get("dense"), frontiers.get(label, [])
+    dense_front = frontiers.get("dense", [])
+    if dense is None or not dense_front or label == "dense":
+        return None
+    lo, hi = dense_front[-1][1], dense_front[0][1]
+    inside = [p for p in front if lo <= p[1] <= hi]  # no extrapolation of the dense law
+    if not inside:
+        return None
+    ratios = compute_multiplier(dense, inside)
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
 def write_outputs(out: Path, rows: list[dict[str, Any]], frontiers: dict[str, list[tuple[float, float]]],
                   fits: dict[str, PowerLaw | None]) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -215,11 +234,12 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], frontiers: dict[str, li
     c_star = common_compute(frontiers)
     with open(out / "fits.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["structure", "a", "b", "c", "r2", "n_frontier", "common_compute", "fitted_loss_at_common"])
+        writer.writerow(["structure", "a", "b", "c", "r2", "n_frontier", "common_compute", "fitted_loss_at_common",
+                         "multiplier_vs_dense"])
         for label, law in fits.items():
             at = float(law(c_star)) if law is not None and c_star is not None else ""
             writer.writerow([label, *(("", "", "", "") if law is None else (law.a, law.b, law.c, law.r2)),
-                             len(frontiers[label]), c_star or "", at])
+                             len(frontiers[label]), c_star or "", at, dense_multiplier(label, frontiers, fits) or ""])
     plot(out / "scaling_laws.png", rows, frontiers, fits)
 
 
@@ -278,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     c_star = common_compute(frontiers)
     print("\npower laws on each frontier:")
     for label, law in fits.items():
-        print(f"  {label:45s} {law.describe() if law else 'no fit (too few frontier points)'}")
+        mult = dense_multiplier(label, frontiers, fits)
+        extra = f"  compute multiplier vs dense {mult:.2f}x" if mult else ""
+        print(f"  {label:45s} {law.describe() if law else 'no fit (too few frontier points)'}{extra}")
     if c_star is not None:
         ranked = sorted((float(law(c_star)), label) for label, law in fits.items() if law is not None)
         print(f"\nordering at C = {c_star:.3g} FLOPs (fitted loss, best first):")
