@@ -333,6 +333,14 @@ class BTTMoELinear(nn.Module):
                 "z": z.detach(),
             }
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles drop the last forward's aux loss (a graph node, not copyable) and statistics."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["aux_loss"] = None
+        state["_stats"] = {}
+        return state
+
     def router_stats(self) -> dict[str, Any]:
         """Statistics of the last training forward: per-expert ``load`` (fractions summing to 1), mean per-token
         router perplexity ``ppl``, perplexity of the mean routing distribution ``agg_ppl`` (E when uniform),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -273,6 +274,8 @@ def test_moe_aux_loss_is_the_mean_over_layers_and_zero_in_eval() -> None:
     model(torch.randn(5, 8))
     expected = (model[0].aux_loss + model[2].aux_loss) / 2
     torch.testing.assert_close(moe_aux_loss(model), expected)
+    copied = copy.deepcopy(model)  # the stored loss is a graph node: copies (export_onnx's) drop it
+    assert copied[0].aux_loss is None and model[0].aux_loss is not None
     fresh = nn.Sequential(_layer(8, 8)).eval()
     fresh(torch.randn(5, 8))
     assert float(moe_aux_loss(fresh)) == 0.0 and fresh[0].router_stats() == {}
