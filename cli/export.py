@@ -23,12 +23,13 @@ def _echo_json(payload: Any) -> None:
 
 def _parse_tokens(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     """``"1,512,2048"`` -> (1, 512, 2048); anything else is a usage error (exit 2)."""
+    message = f"expected comma-separated positive integers such as 1,512,2048, got {value!r}"
     try:
         tokens = tuple(int(part) for part in value.split(",") if part.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated positive integers such as 1,512,2048, got {value!r}") from None
+        raise click.BadParameter(message) from None
     if not tokens or min(tokens) < 1:
-        raise click.BadParameter(f"expected comma-separated positive integers such as 1,512,2048, got {value!r}")
+        raise click.BadParameter(message)
     return tokens
 
 
@@ -48,8 +49,8 @@ def export_command(model_dir: str, output: str, dtype: str, provider: str, no_ch
 
     Structured layers lower to MatMul chains (no Einsum node); batch and sequence length stay dynamic.
     """
-    report = export_saved(model_dir, output, dtype=dtype, providers=provider, check=not no_check,  # type: ignore[arg-type]
-                          overwrite=force)
+    report = export_saved(model_dir, output, dtype=dtype,  # type: ignore[arg-type]
+                          providers=provider, check=not no_check, overwrite=force)
     if as_json:
         _echo_json(report.to_dict())
     else:

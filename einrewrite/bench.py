@@ -151,7 +151,8 @@ def compare_models(
             for label, model in (("dense ORT", dense), ("structured ORT", structured)):
                 path = folder / f"{label.split()[0]}.onnx"
                 cpu_model = copy.deepcopy(model).float().cpu() if device.type == "cuda" else model
-                export_onnx(cpu_model, args, path, example_kwargs=kwargs, dtype=dtype, providers=providers)  # type: ignore[arg-type]
+                export_onnx(cpu_model, args, path, example_kwargs=kwargs, dtype=dtype,  # type: ignore[arg-type]
+                            providers=providers)
                 session = onnxruntime_session(path, providers, threads=threads or torch.get_num_threads())
                 contenders[label] = _ort_runner(session, dtype)
         rows = []
