@@ -415,12 +415,13 @@ def _sparse_dispatch(x: Tensor, A: Tensor, B: Tensor, index: Tensor, gates: Tens
     groups = [torch.nonzero(flat == i).reshape(-1) for i in range(r)]  # pair ids of each expert
     order = torch.cat(groups)  # (N·k,) pair ids in expert order
     xs = _gather_pairs(x, order, k)  # (N·k, γα): each pair's token, in expert order
+    a_cores, b_cores = A.unbind(0), B.unbind(0)  # one stack in backward, not E zero-filled copies of A and B
     outs = []
     for i, xe in enumerate(torch.split(xs, [grp.shape[0] for grp in groups])):
         m = xe.shape[0]
         xt = xe.reshape(m, g, a).permute(1, 2, 0)  # (γ, α, m) view
-        z = torch.bmm(A[i], xt)  # (γ, φ, α) @ (γ, α, m) -> (γ, φ, m)
-        y = torch.bmm(B[i], z.transpose(0, 1))  # (φ, ε, γ) @ (φ, γ, m) -> (φ, ε, m)
+        z = torch.bmm(a_cores[i], xt)  # (γ, φ, α) @ (γ, α, m) -> (γ, φ, m)
+        y = torch.bmm(b_cores[i], z.transpose(0, 1))  # (φ, ε, γ) @ (φ, γ, m) -> (φ, ε, m)
         outs.append(y.reshape(f * e, m).t())  # (m, φε) view
     ys = _to_pair_order(outs, groups, order, n * k)  # (N·k, φε) in (token, slot) order
     ys = ys.reshape(n, k, f * e)  # (N, k, φε)
