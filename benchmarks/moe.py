@@ -25,12 +25,17 @@ Usage::
     .venv/bin/python benchmarks/moe.py --quick          # small sizes, a smoke test
     .venv/bin/python benchmarks/moe.py --repeats 10 --threads 2
 
-This is a benchmark, not a test: the machine may be shared, so compare ratios taken in the same run.
+This is a benchmark, not a test: the machine may be shared, so compare ratios taken in the same run. On an
+oversubscribed machine (load average above the core count) use ``--threads 1``: the sparse path runs about
+4E mid-sized ops, and with two threads each parallel region may wait a scheduler time slice for the second
+thread, which the dense path (a handful of large ops) does not notice; its 2-thread ratios then swing 2-3x
+from run to run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -141,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.quick else 7)
     budget_s = 2.0 if args.quick else None
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"torch {torch.__version__}, fp32 CPU, {torch.get_num_threads()} threads, d={d}, tokens={tokens}, "
-        f"k={args.top_k}, best of {repeats} interleaved rounds"
+        f"k={args.top_k}, best of {repeats} interleaved rounds; load average {load:.1f} on {os.cpu_count()} cores"
     )
     start = time.perf_counter()
     header = ("E", "mode", "layer", "time", "vs moe dense", "vs Linear", "MACs/token")
