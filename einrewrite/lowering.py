@@ -288,15 +288,74 @@ def _forward_method(self: EinsumLinear, x: Tensor) -> Tensor:
     return lowered_forward(self, x)
 
 
+def _is_moe(module: nn.Module) -> bool:
+    """A BTT-MoE layer (checked by name: :mod:`einrewrite.moe` imports this package's layers)."""
+    return type(module).__name__ == "BTTMoELinear" and hasattr(module, "router") and hasattr(module, "top_k")
+
+
+def lowered_moe_forward(layer: nn.Module, x: Tensor) -> Tensor:
+    """A BTT-MoE layer's sparse forward for ONNX Runtime: deterministic combine, no activation Split.
+
+    Per expert (a static loop over E): the (token, slot) pairs routed to it (``NonZero``), its tokens gathered
+    (``Gather``) and two feature-major MatMuls whose input permute ORT fuses into ``FusedMatMul``. The results,
+    grouped by expert, are put back in (token, slot) order by a ``Gather`` with the inverse permutation (built
+    by a ``ScatterND`` whose indices are unique), gated and summed over the k slots. The eager path's ``index_add`` exports as ``ScatterND(add)`` with each token
+    k times in its indices; ONNX leaves duplicate indices undefined and ONNX Runtime's multi-threaded CPU
+    kernel can race on them (microsoft/onnxruntime#18048), so the export never uses it.
+
+    Args:
+        layer: a :class:`~einrewrite.moe.BTTMoELinear`.
+        x: (..., in_features).
+
+    Returns:
+        (..., out_features), equal to ``layer(x)`` up to fp32 rounding.
+    """
+    from .moe import route
+
+    a, _, g, _, e, f, r = layer.spec.sizes
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, layer.in_features)  # (N, d_in)
+    weights = [getattr(layer, n) for n in layer._onnx_lowered_weights]  # A_0..A_E-1, B_0..B_E-1
+    if x2.dtype != weights[0].dtype:
+        x2 = x2.to(weights[0].dtype)
+    index, gates = route(layer.router(x2), layer.top_k)  # (N, k), (N, k) fp32
+    pad = layer.spec.sizes.in_size - layer.in_features
+    xp = F.pad(x2, (0, pad)) if pad else x2  # (N, γα)
+    n, k = index.shape
+    flat = index.reshape(-1)  # (N·k,) expert of each (token, slot) pair
+    outs, groups = [], []
+    for i in range(r):
+        pairs = torch.nonzero(flat == i).reshape(-1)  # (m,) pairs routed to expert i
+        xe = xp.index_select(0, torch.div(pairs, k, rounding_mode="floor"))  # (m, γα) their tokens
+        m = xe.shape[0]
+        z = torch.matmul(weights[i], xe.reshape(m, g, a).permute(1, 2, 0))  # (γ, φ, α)@(γ, α, m) -> (γ, φ, m)
+        y = torch.matmul(weights[r + i], z.transpose(0, 1))  # (φ, ε, γ)@(φ, γ, m) -> (φ, ε, m)
+        outs.append(y.reshape(f * e, m))  # (φε, m): feature-major
+        groups.append(pairs)
+    ys = torch.cat(outs, dim=1).t()  # (N·k, φε): pairs grouped by expert
+    order = torch.cat(groups)  # (N·k,) a permutation of the pair ids
+    positions = torch.arange(order.shape[0], device=order.device)  # (N·k,)
+    inverse = torch.zeros_like(order).index_put((order,), positions)  # (N·k,): ScatterND, unique indices
+    ys = ys.index_select(0, inverse).reshape(n, k, f * e)  # (N, k, φε) in (token, slot) order
+    out = (ys * gates.to(ys.dtype).unsqueeze(-1)).sum(1)  # (N, φε): gated sum over the k slots
+    y2 = out[:, : layer.out_features] if f * e != layer.out_features else out  # (N, d_out)
+    y2 = y2.reshape(*lead, layer.out_features)  # (..., d_out)
+    return y2 if layer.bias is None else y2 + layer.bias.to(y2.dtype)
+
+
+def _moe_forward_method(self: nn.Module, x: Tensor) -> Tensor:
+    return lowered_moe_forward(self, x)
+
+
 @contextlib.contextmanager
 def onnx_lowering(model: nn.Module) -> Iterator[nn.Module]:
     """Make every structured :class:`EinsumLinear` in ``model`` run :func:`lowered_forward` for the duration.
 
     Pre-arranged weights are attached as temporary buffers, so the exporter writes them as initializers in the
     layout each MatMul consumes; the original parameters are not read by the lowered forward. Everything is
-    undone on exit (buffers removed, the class forward restored), also on error. Modules other than
-    ``EinsumLinear`` (e.g. ``BTTMoELinear``'s sparse routing) keep their own forward; structured layers inside
-    them are lowered like any other.
+    undone on exit (buffers removed, the class forward restored), also on error. ``BTTMoELinear`` layers run
+    :func:`lowered_moe_forward` (sparse routing with a deterministic combine) with per-expert weights as
+    buffers; other modules keep their own forward.
 
     Args:
         model: the module to export; modified in place until the context exits.
@@ -311,7 +370,7 @@ def onnx_lowering(model: nn.Module) -> Iterator[nn.Module]:
         >>> with onnx_lowering(model):
         ...     program = torch.export.export(model, (torch.randn(4, 64),))  # doctest: +SKIP
     """
-    patched: list[EinsumLinear] = []
+    patched: list[nn.Module] = []
     try:
         for module in model.modules():
             if isinstance(module, EinsumLinear) and not module.spec.is_dense and "forward" not in vars(module):
@@ -322,6 +381,16 @@ def onnx_lowering(model: nn.Module) -> Iterator[nn.Module]:
                     names.append(name)
                 module._onnx_lowered_weights = names  # type: ignore[assignment]
                 module.forward = types.MethodType(_forward_method, module)  # type: ignore[method-assign]
+                patched.append(module)
+            elif _is_moe(module) and "forward" not in vars(module):
+                names = []
+                experts = [*module.A.detach().unbind(0), *module.B.detach().unbind(0)]  # A_i (γ,φ,α), B_i (φ,ε,γ)
+                for i, w in enumerate(experts):
+                    name = f"{_BUFFER_PREFIX}w{i}"
+                    module.register_buffer(name, w.contiguous(), persistent=False)
+                    names.append(name)
+                module._onnx_lowered_weights = names
+                module.forward = types.MethodType(_moe_forward_method, module)
                 patched.append(module)
         yield model
     finally:
