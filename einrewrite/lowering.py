@@ -299,9 +299,10 @@ def lowered_moe_forward(layer: nn.Module, x: Tensor) -> Tensor:
     Per expert (a static loop over E): the (token, slot) pairs routed to it (``NonZero``), its tokens gathered
     (``Gather``) and two feature-major MatMuls whose input permute ORT fuses into ``FusedMatMul``. The results,
     grouped by expert, are put back in (token, slot) order by a ``Gather`` with the inverse permutation (built
-    by a ``ScatterND`` whose indices are unique), gated and summed over the k slots. The eager path's ``index_add`` exports as ``ScatterND(add)`` with each token
-    k times in its indices; ONNX leaves duplicate indices undefined and ONNX Runtime's multi-threaded CPU
-    kernel can race on them (microsoft/onnxruntime#18048), so the export never uses it.
+    by a ``ScatterND`` whose indices are unique), gated and summed over the k slots. A ``ScatterND(add)`` with
+    each token k times in its indices is avoided: ONNX leaves duplicate indices undefined and ONNX Runtime's
+    multi-threaded CPU kernel can race on them (microsoft/onnxruntime#18048). Unlike the eager sparse path
+    (:mod:`einrewrite.moe`), the expert weights are per-expert initializers and nothing here needs autograd.
 
     Args:
         layer: a :class:`~einrewrite.moe.BTTMoELinear`.
