@@ -507,8 +507,9 @@ def run(
         y = _run_program(stages, x, cores, _sizes(spec, n))  # (N, out_size)
     elif needs_grad:  # the BTT kernel
         y = _BTT.apply(x, cores["A"], cores["B"], tuple(spec.sizes))  # (N, φε) view
-    else:
-        y = btt_forward(x, cores["A"], cores["B"], spec)  # (N, φε) view
+    else:  # inference: the bias rides in the second matmul, saving a pass over the output
+        y = btt_forward(x, cores["A"], cores["B"], spec, bias=bias)  # (N, φε) view
+        bias = None
     if spec.sizes.out_size != spec.d_out:
         y = y[:, : spec.d_out]  # (N, d_out) view
     return y if bias is None else y + bias
@@ -526,17 +527,22 @@ def _layout_of(x: Tensor) -> InputLayout | None:
     return None
 
 
-def btt_forward(x: Tensor, A: Tensor, B: Tensor, spec: EinsumSpec) -> Tensor:
+def btt_forward(x: Tensor, A: Tensor, B: Tensor, spec: EinsumSpec, bias: Tensor | None = None) -> Tensor:
     """Two batched matmuls in feature-major layout; x: (N, γα) -> (N, φε) as a transposed view.
 
     Every operand is read in place: BLAS accepts a matrix whose rows or columns have unit stride, so the
     permuted views below cost no copies. The result is the (φ, ε, N) product seen as (N, φε).
+
+    A ``bias`` is folded into the second matmul: the intermediate gets one more γ slot filled with ones
+    (N·ρφ values) and the second core one more column holding the bias, so no separate pass over the
+    (N, φε) output adds it (at d=1024, 4096 tokens that pass is about a sixth of the layer's time).
 
     Args:
         x: (N, γα) input, token-major or feature-major.
         A: (γ, ρ, φ, 1, α) core.
         B: (φ, ε, γ, ρ, 1) core.
         spec: a spec with β = δ = 1.
+        bias: optional (d_out,) bias, d_out <= φε (padded outputs get zero).
 
     Returns:
         (N, φε) view of a contiguous (φ, ε, N) tensor.
@@ -544,9 +550,20 @@ def btt_forward(x: Tensor, A: Tensor, B: Tensor, spec: EinsumSpec) -> Tensor:
     a, _, g, _, e, f, r = spec.sizes
     n = x.shape[0]
     xt = x.reshape(n, g, a).permute(1, 2, 0)  # (γ, α, N) view
-    z = torch.bmm(A.reshape(g, r * f, a), xt)  # (γ, ρφ, N)
+    a_rows = A.reshape(g, r * f, a)  # (γ, ρφ, α)
+    b_rows = B.reshape(f, e, g, r)  # (φ, ε, γ, ρ)
+    if bias is None:
+        z = torch.bmm(a_rows, xt)  # (γ, ρφ, N)
+    else:
+        z = x.new_empty(g + 1, r * f, n)  # (γ+1, ρφ, N): slot γ holds ones
+        torch.bmm(a_rows, xt, out=z[:g])  # (γ, ρφ, N) into the leading slots
+        z[g].fill_(1.0)
+        column = torch.zeros(f * e, 1, r, dtype=B.dtype, device=B.device)  # (φε, 1, ρ)
+        column[: bias.shape[0], 0, 0] = bias.to(B.dtype)  # bias on ρ = 0 of the extra slot
+        b_rows = torch.cat([b_rows, column.reshape(f, e, 1, r)], dim=2)  # (φ, ε, γ+1, ρ)
+        g += 1
     zt = z.reshape(g * r, f, n).transpose(0, 1)  # (φ, γρ, N) view
-    y = torch.bmm(B.reshape(f, e, g * r), zt)  # (φ, ε, N)
+    y = torch.bmm(b_rows.reshape(f, e, g * r), zt)  # (φ, ε, N)
     return y.reshape(f * e, n).t()  # (N, φε) view
 
 

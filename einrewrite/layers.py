@@ -151,9 +151,8 @@ class EinsumLinear(nn.Module):
             x, cores = x.to(dtype), {k: v.to(dtype) for k, v in cores.items()}
         elif x.dtype != self.dtype_of_cores:
             x = x.to(self.dtype_of_cores)
-        y = contraction.run(self.spec, self.plan, x.reshape(-1, self.in_features), cores)  # (N, d_out)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = contraction.run(self.spec, self.plan, x.reshape(-1, self.in_features), cores, bias)  # (N, d_out)
         return y.reshape(*lead, self.out_features)  # (..., d_out)
 
     @property

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from einrewrite import STRUCTURES, EinsumLinear, EinsumSpec, structure
-from einrewrite.contraction import plan_contraction, run, token_bucket
+from einrewrite.contraction import btt_forward, plan_contraction, run, token_bucket
 
 NAMES = sorted(n for n in STRUCTURES if isinstance(STRUCTURES[n].example().bind(16, 16), EinsumSpec))
 # Structures whose programs the planner proves copy-free for a row-major (331, 1024) input. (With blocks of 8,
@@ -182,3 +182,17 @@ def test_bf16_autocast_trains(name: str) -> None:
     y.float().square().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in layer.parameters())
     torch.testing.assert_close(y.float(), layer(x), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize(("d_in", "d_out", "rank"), [(64, 64, 1), (96, 80, 2), (100, 70, 3)])
+def test_btt_forward_folds_the_bias_into_the_second_matmul(d_in: int, d_out: int, rank: int) -> None:
+    spec = structure("btt", d_in, d_out, rank=rank)
+    layer = EinsumLinear(spec)
+    with torch.no_grad():
+        layer.bias.normal_()
+        x = torch.nn.functional.pad(torch.randn(37, d_in), (0, spec.sizes.in_size - d_in))  # (37, in_size)
+        folded = btt_forward(x, layer.A, layer.B, spec, bias=layer.bias)[:, :d_out]
+        plain = btt_forward(x, layer.A, layer.B, spec)[:, :d_out] + layer.bias
+        expected = torch.nn.functional.linear(x[:, :d_in], layer.to_dense(), layer.bias)
+    torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-4)
