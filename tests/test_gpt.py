@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,12 +13,7 @@ from einrewrite.gpt import GPT, GPTConfig, ModelConfigError, build_gpt, zero_ini
 SMALL = GPTConfig(d_model=32, d_head=16, n_layer=2, block_size=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
 
 
 def test_forward_shape_and_causality() -> None:
