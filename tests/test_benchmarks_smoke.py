@@ -1,4 +1,4 @@
-"""benchmarks/layers.py --quick runs end to end and prints its table (it is a benchmark, not a test)."""
+"""The benchmark scripts run end to end with ``--quick`` and print their tables (benchmarks, not tests)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,47 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_layers_benchmark_quick_prints_every_row() -> None:
+def _run(script: str, *args: str, timeout: int) -> str:
+    """stdout of ``benchmarks/<script> args``; fails the test on a non-zero exit."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "layers.py"), "--quick"],
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
         check=False,
         cwd=ROOT,
     )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    header = next(line for line in lines if "realized/red." in line)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _rows_after(out: str, header_mark: str) -> tuple[str, list[list[str]]]:
+    """The header line containing ``header_mark`` and the cells (split on 2+ spaces) of every later line."""
+    lines = out.splitlines()
+    header = next(line for line in lines if header_mark in line)
+    return header, [re.split(r"\s{2,}", line.strip()) for line in lines[lines.index(header) + 1 :]]
+
+
+def test_layers_benchmark_quick_prints_every_row() -> None:
+    out = _run("layers.py", "--quick", timeout=30)
+    header, cells = _rows_after(out, "realized/red.")
     assert "vs Linear" in header and "vs ref" in header and "FLOP red." in header
-    cells = [re.split(r"\s{2,}", line.strip()) for line in lines[lines.index(header) + 1 :]]
     rows = [c for c in cells if len(c) >= 6]
     for label in ("nn.Linear", "monarch", "btt r=1", "btt r=2", "btt r=4", "low_rank r=d/32", "kronecker"):
         modes = sorted(c[2] for c in rows if c[3] == label)
-        assert modes == ["fwd", "fwd+bwd"], (label, result.stdout)
+        assert modes == ["fwd", "fwd+bwd"], (label, out)
         assert all(float(c[5]) > 0 for c in rows if c[3] == label)  # a speedup was computed
+
+
+def test_moe_benchmark_quick_prints_every_row_and_verdict() -> None:
+    out = _run("moe.py", "--quick", "--threads", "1", timeout=120)
+    header, cells = _rows_after(out, "vs moe dense")
+    assert "vs Linear" in header and "MACs/token" in header
+    for experts in ("8", "16"):
+        for mode in ("fwd", "fwd+bwd"):
+            rows = [c for c in cells if c[:2] == [experts, mode]]
+            labels = {c[2] for c in rows}
+            assert {"moe sparse", "moe dense", "nn.Linear"} <= labels, out
+            assert any(label.startswith("same-MACs dense") for label in labels), out
+            verdict = next(c for c in rows if c[2] == "=> sparse vs dense dispatch")
+            assert verdict[3].endswith("x") and verdict[5] in ("MET", "MISSED"), verdict
