@@ -136,3 +136,20 @@ def tiny_gpt() -> tuple[nn.Module, tuple[Tensor]]:
     from examples.tiny_gpt import build
 
     return build(n_layer=2, n_embd=64, n_head=2, vocab_size=128)
+
+
+@torch.library.custom_op("einrewrite_test::mystery", mutates_args=())
+def _mystery(x: Tensor) -> Tensor:
+    return x * 2
+
+
+@_mystery.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+class Untranslatable(nn.Module):
+    """A module whose op (``einrewrite_test::mystery``) the ONNX exporter cannot translate."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _mystery(x)

@@ -12,6 +12,8 @@ from torch import nn
 from einrewrite import STRUCTURES, EinsumLinear, EinsumSpec, ExportError, export_onnx, structure
 from einrewrite.export import onnxruntime_session
 
+import models  # type: ignore[import-not-found]  # tests/models.py
+
 EINSUM_NAMES = sorted(n for n in STRUCTURES if isinstance(STRUCTURES[n].example().bind(16, 16), EinsumSpec))
 
 
@@ -53,23 +55,8 @@ def test_model_is_not_modified(tmp_path: Path) -> None:
     assert next(model.parameters()).dtype == torch.float32
 
 
-@torch.library.custom_op("einrewrite_test::mystery", mutates_args=())
-def _mystery(x: torch.Tensor) -> torch.Tensor:
-    return x * 2
-
-
-@_mystery.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-class _Untranslatable(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _mystery(x)
-
-
 def test_exporter_failure_is_an_export_error_naming_the_op_and_layer(tmp_path: Path) -> None:
-    model = nn.Sequential(nn.Linear(3, 3), _Untranslatable())
+    model = nn.Sequential(nn.Linear(3, 3), models.Untranslatable())
     with pytest.raises(ExportError, match=r"failed at op einrewrite_test[.:]+mystery\S* in layer '1'"):
         export_onnx(model, (torch.randn(2, 3),), tmp_path / "bad.onnx")
 
