@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -418,3 +419,36 @@ def test_export_onnx_of_a_model_with_moe_layers(tmp_path: Path) -> None:
     x = torch.randn(9, 32)
     with torch.no_grad():
         torch.testing.assert_close(_run_ort(tmp_path / "model.onnx", x), model(x), rtol=1e-4, atol=1e-4)
+
+
+# (d_in, d_out, in_split, out_split, top_k): the narrowest of input γα, intermediate γφ and output φε is
+# where the export applies the gates; one case each, and k = 3 for the slot-major gather with k > 2.
+_GATE_CASES = {
+    "input": (16, 96, 0.5, 0.5, 2),
+    "middle": (64, 64, 0.75, 0.75, 3),
+    "output": (96, 20, 0.5, 0.5, 2),
+}
+
+
+@pytest.mark.parametrize("where", sorted(_GATE_CASES))
+def test_export_onnx_matches_and_repeats_bitwise_wherever_the_gates_apply(where: str, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    d_in, d_out, in_split, out_split, k = _GATE_CASES[where]
+    torch.manual_seed(3)
+    layer = BTTMoELinear(d_in, d_out, num_experts=4, top_k=k, bias=True, in_split=in_split, out_split=out_split)
+    with torch.no_grad():
+        layer.router.weight.normal_()
+        layer.B.normal_(0.0, 0.3)
+    a, _, g, _, e, f, _ = layer.spec.sizes
+    widths = {"input": g * a, "middle": g * f, "output": f * e}
+    assert min(widths, key=widths.__getitem__) == where, widths  # the case really gates there
+    layer.eval()
+    er.export_onnx(layer, (torch.randn(2, 7, d_in),), tmp_path / "moe.onnx")
+    session = er.export.onnxruntime_session(tmp_path / "moe.onnx", threads=2)
+    x = torch.randn(4, 300, d_in)  # 1,200 tokens: big enough for ORT to split kernels over threads
+    feeds = {session.get_inputs()[0].name: x.numpy()}
+    first = session.run(None, feeds)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(first), layer(x), rtol=1e-4, atol=1e-4)
+    for _ in range(5):  # the combine has no ScatterND(add) over duplicate indices: runs agree bit for bit
+        np.testing.assert_array_equal(session.run(None, feeds)[0], first)
