@@ -452,3 +452,11 @@ def test_export_onnx_matches_and_repeats_bitwise_wherever_the_gates_apply(where:
         torch.testing.assert_close(torch.from_numpy(first), layer(x), rtol=1e-4, atol=1e-4)
     for _ in range(5):  # the combine has no ScatterND(add) over duplicate indices: runs agree bit for bit
         np.testing.assert_array_equal(session.run(None, feeds)[0], first)
+
+
+def test_export_onnx_in_float16_runs_on_the_cpu_provider(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    layer = _layer(64, 96, experts=4).eval()
+    report = er.export_onnx(layer, (torch.randn(2, 8, 64),), tmp_path / "half.onnx", dtype="float16")
+    assert report.checked and report.dtype == "float16"
+    assert report.max_abs_diff is not None and 0 < report.max_abs_diff < 2e-2  # fp16 rounding, not fp32 equality
