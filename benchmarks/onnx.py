@@ -13,6 +13,9 @@ It prints the times, the ratios ``dense ORT / structured ORT`` (target >= 3x on 
 ``structured torch / structured ORT`` (target >= 1x), and with ``--profile`` the ORT time per op type of each
 model, which says where the time goes when a target is missed.
 
+BTT-MoE routers are left as the rewrite makes them (zero: every token goes to experts 0..k-1); ``--router
+random`` draws them at random so the load spreads over all experts. The printed max expert load says which.
+
 ``--provider cuda`` runs the same on a GPU: the CUDA execution provider in float16 (nodes left on the CPU are
 counted) against torch eager on the GPU in float16.
 
@@ -21,6 +24,7 @@ Usage::
     .venv/bin/python benchmarks/onnx.py                 # d=1024, 4 layers, 8x256 = 2048 tokens (minutes)
     .venv/bin/python benchmarks/onnx.py --quick         # d=256, 2 layers, 4x128 tokens: a smoke run
     .venv/bin/python benchmarks/onnx.py --profile --structures btt
+    .venv/bin/python benchmarks/onnx.py --structures btt_moe --router random
     .venv/bin/python benchmarks/onnx.py --provider cuda # GPU, float16
 
 This is a benchmark, not a test: the machine may be shared, so compare ratios taken in the same run.
@@ -93,9 +97,43 @@ def structured_models(
     return out
 
 
-def _no_grad_call(model: nn.Module, idx: Tensor) -> Tensor:
+def spread_routers(model: nn.Module, seed: int = 0) -> None:
+    """Draw every BTT-MoE router from N(0, 1/d_in): a stand-in for a trained router that spreads the load.
+
+    A rewrite's router starts at zero, which sends every token to experts 0..k-1 (ties go to the lower index).
+    """
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        return model(idx)
+        for module in model.modules():
+            if isinstance(module, er.BTTMoELinear):
+                weight = module.router.weight
+                weight.copy_(torch.randn(weight.shape, generator=generator) * module.in_features**-0.5)
+
+
+def max_expert_load(model: nn.Module, idx: Tensor) -> float | None:
+    """Largest share of (token, slot) pairs any expert gets, times E (1.0 = balanced, E/k = all on k experts);
+    the mean over the model's BTT-MoE layers on ``idx``, None without any."""
+    from einrewrite.moe import route
+
+    ratios: list[float] = []
+
+    def hook(layer: nn.Module, inputs: tuple[Tensor, ...], logits: Tensor) -> None:
+        index, _ = route(logits, layer.top_k)  # type: ignore[arg-type]
+        counts = torch.bincount(index.reshape(-1), minlength=layer.num_experts).float()  # type: ignore[arg-type]
+        ratios.append(float(counts.max() / counts.sum()) * layer.num_experts)  # type: ignore[arg-type]
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, er.BTTMoELinear):
+            handles.append(module.router.register_forward_hook(
+                lambda _m, i, out, layer=module: hook(layer, i, out)))
+    try:
+        with torch.no_grad():
+            model(idx)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(ratios) / len(ratios) if ratios else None
 
 
 def ort_runner(session: Any, idx: Tensor) -> Callable[[], object]:
@@ -163,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "float16"], default=None,
                         help="precision of every contender (default float32 on cpu, float16 on cuda)")
     parser.add_argument("--structures", default="btt,btt_moe", help="comma-separated: btt, btt_moe")
+    parser.add_argument("--router", choices=["init", "random"], default="init",
+                        help="BTT-MoE routers as the rewrite leaves them (zero: all tokens on experts 0..k-1) or "
+                             "drawn at random (the load spread over every expert)")
     parser.add_argument("--dense-torch", action="store_true", help="also time the dense model in torch eager")
     parser.add_argument("--profile", action="store_true", help="ORT time per op type of each model (cpu)")
     args = parser.parse_args(argv)
@@ -182,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     dense, example = build(n_embd=args.d, n_layer=args.layers, n_head=args.heads, block_size=args.seq)
     wanted = {s.strip() for s in args.structures.split(",") if s.strip()}
     models = {"dense": dense, **structured_models(dense, example, args.ratio, wanted)}
+    if args.router == "random":
+        for model in models.values():
+            spread_routers(model)
     idx = torch.randint(0, dense.wte.num_embeddings, (args.batch, args.seq))
     tokens = args.batch * args.seq
     print(
@@ -191,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, model in models.items():
         macs = linear_macs(model)
-        print(f"  {name:8s} linear MACs/token {macs:>12,} ({macs / linear_macs(dense):.3f} of dense)")
+        load = max_expert_load(model, idx[:1])
+        print(f"  {name:8s} linear MACs/token {macs:>12,} ({macs / linear_macs(dense):.3f} of dense)"
+              + ("" if load is None else f"; routers '{args.router}': max expert load {load:.2f}x balanced"))
 
     fns: dict[str, Callable[[], object]] = {}
     paths: dict[str, Path] = {}

@@ -27,3 +27,21 @@ def test_onnx_benchmark_quick_prints_ratios() -> None:
     assert row is not None, out
     assert float(row.group(1)) > 5  # the rewrite really cut the linear MACs (1/8 budget)
     assert "ORT parity" in out
+
+
+def test_onnx_benchmark_quick_runs_btt_moe_with_spread_routers() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/onnx.py", "--quick", "--repeats", "1", "--structures", "btt_moe",
+         "--router", "random"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    load = re.search(r"btt_moe .*routers 'random': max expert load ([\d.]+)x balanced", out)
+    assert load is not None, out
+    assert 1.0 <= float(load.group(1)) < 4.0  # E/k = 4 would mean every token on the same two experts
+    assert re.search(r"^btt_moe\s+([\d.]+)x\s+([\d.]+)x\s+(met|MISSED)", out, re.M), out
