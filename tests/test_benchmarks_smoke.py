@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end with ``--quick`` and print their tables (benchmarks, not tests)."""
+"""The benchmark scripts run end to end at small sizes and print their tables (benchmarks, not tests)."""
 
 from __future__ import annotations
 
@@ -54,3 +54,22 @@ def test_moe_benchmark_quick_prints_every_row_and_verdict() -> None:
             assert any(label.startswith("same-MACs dense") for label in labels), out
             verdict = next(c for c in rows if c[2] == "=> sparse vs dense dispatch")
             assert verdict[3].endswith("x") and verdict[5] in ("MET", "MISSED"), verdict
+
+
+def test_onnx_benchmark_quick_prints_ratios() -> None:
+    out = _run("onnx.py", "--quick", "--repeats", "1", "--structures", "btt", timeout=120)
+    for contender in ("dense ORT", "btt ORT", "btt torch"):
+        assert re.search(rf"^{contender}\s+\d+\.\d", out, re.M), out
+    row = re.search(r"^btt\s+([\d.]+)x\s+([\d.]+)x\s+(met|MISSED)\s+([\d.]+)x\s+(met|MISSED)", out, re.M)
+    assert row is not None, out
+    assert float(row.group(1)) > 5  # the rewrite really cut the linear MACs (1/8 budget)
+    assert "ORT parity" in out
+
+
+def test_onnx_benchmark_runs_btt_moe_with_spread_routers() -> None:
+    small = ("--d", "256", "--layers", "1", "--heads", "4", "--batch", "2", "--seq", "64")  # one block: ~30 s
+    out = _run("onnx.py", *small, "--repeats", "1", "--structures", "btt_moe", "--router", "random", timeout=240)
+    load = re.search(r"btt_moe .*routers 'random': max expert load ([\d.]+)x balanced", out)
+    assert load is not None, out
+    assert 1.0 <= float(load.group(1)) < 4.0  # E/k = 4 would mean every token on the same two experts
+    assert re.search(r"^btt_moe\s+([\d.]+)x\s+([\d.]+)x\s+(met|MISSED)", out, re.M), out
