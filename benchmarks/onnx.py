@@ -115,25 +115,25 @@ def max_expert_load(model: nn.Module, idx: Tensor) -> float | None:
     the mean over the model's BTT-MoE layers on ``idx``, None without any."""
     from einrewrite.moe import route
 
+    layers = [m for m in model.modules() if isinstance(m, er.BTTMoELinear)]
+    if not layers:
+        return None
     ratios: list[float] = []
 
-    def hook(layer: nn.Module, inputs: tuple[Tensor, ...], logits: Tensor) -> None:
-        index, _ = route(logits, layer.top_k)  # type: ignore[arg-type]
-        counts = torch.bincount(index.reshape(-1), minlength=layer.num_experts).float()  # type: ignore[arg-type]
-        ratios.append(float(counts.max() / counts.sum()) * layer.num_experts)  # type: ignore[arg-type]
+    def record(layer: er.BTTMoELinear, logits: Tensor) -> None:
+        index, _ = route(logits, layer.top_k)  # (N, k) expert ids
+        counts = torch.bincount(index.reshape(-1), minlength=layer.num_experts).float()  # (E,) pairs per expert
+        ratios.append(float(counts.max() / counts.sum()) * layer.num_experts)
 
-    handles = []
-    for module in model.modules():
-        if isinstance(module, er.BTTMoELinear):
-            handles.append(module.router.register_forward_hook(
-                lambda _m, i, out, layer=module: hook(layer, i, out)))
+    handles = [layer.router.register_forward_hook(lambda _m, _i, logits, layer=layer: record(layer, logits))
+               for layer in layers]
     try:
         with torch.no_grad():
             model(idx)
     finally:
         for handle in handles:
             handle.remove()
-    return sum(ratios) / len(ratios) if ratios else None
+    return sum(ratios) / len(ratios)
 
 
 def ort_runner(session: Any, idx: Tensor) -> Callable[[], object]:
