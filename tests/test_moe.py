@@ -24,9 +24,11 @@ from models import tiny_gpt  # type: ignore[import-not-found]
 SIZES = [(16, 16), (64, 32), (12, 36), (97, 97)]  # 97: both sides padded (input zero-padded, output cropped)
 
 
-def _layer(d_in: int, d_out: int, *, experts: int = 4, k: int = 2, bias: bool = True, seed: int = 0) -> BTTMoELinear:
+def _layer(
+    d_in: int, d_out: int, *, experts: int = 4, k: int = 2, bias: bool = True, seed: int = 0, **splits: float
+) -> BTTMoELinear:
     torch.manual_seed(seed)
-    layer = BTTMoELinear(d_in, d_out, num_experts=experts, top_k=k, bias=bias)
+    layer = BTTMoELinear(d_in, d_out, num_experts=experts, top_k=k, bias=bias, **splits)
     with torch.no_grad():
         layer.router.weight.normal_()  # a router that actually spreads tokens
         layer.B.normal_(0.0, 0.3)
@@ -434,11 +436,7 @@ _GATE_CASES = {
 def test_export_onnx_matches_and_repeats_bitwise_wherever_the_gates_apply(where: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     d_in, d_out, in_split, out_split, k = _GATE_CASES[where]
-    torch.manual_seed(3)
-    layer = BTTMoELinear(d_in, d_out, num_experts=4, top_k=k, bias=True, in_split=in_split, out_split=out_split)
-    with torch.no_grad():
-        layer.router.weight.normal_()
-        layer.B.normal_(0.0, 0.3)
+    layer = _layer(d_in, d_out, k=k, seed=3, in_split=in_split, out_split=out_split)
     a, _, g, _, e, f, _ = layer.spec.sizes
     widths = {"input": g * a, "middle": g * f, "output": f * e}
     assert min(widths, key=widths.__getitem__) == where, widths  # the case really gates there
