@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
 from .lowering import onnx_lowering
+from .moe_lowering import ONNX_TRANSLATIONS
 
 __all__ = ["ExportReport", "export_onnx", "export_saved", "onnxruntime_session", "resolve_providers"]
 
@@ -302,7 +303,9 @@ def _run_exporter(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
                 "exportable (no data-dependent Python control flow); see torch.export's troubleshooting guide"
             ) from e
         try:
-            return torch.onnx.export(program, dynamo=True, opset_version=opset, verbose=False)
+            return torch.onnx.export(
+                program, dynamo=True, opset_version=opset, verbose=False, custom_translation_table=ONNX_TRANSLATIONS
+            )
         except Exception as e:  # the ONNX translation raises many types; name the op and its module
             text = _ANSI.sub("", f"{e}")
             op = next((m.group(1) for p in _OP_PATTERNS if (m := p.search(text))), None)

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import EinsumLinear
+from .moe import BTTMoELinear
+from .moe_lowering import attach_moe_weights, detach_moe_weights, lowered_moe_forward
 from .spec import EinsumSpec
 
 __all__ = ["LoweringPlan", "StagePlan", "lowered_forward", "lowering_plan", "onnx_lowering"]
@@ -288,77 +290,7 @@ def _forward_method(self: EinsumLinear, x: Tensor) -> Tensor:
     return lowered_forward(self, x)
 
 
-def _is_moe(module: nn.Module) -> bool:
-    """A BTT-MoE layer (checked by name: :mod:`einrewrite.moe` imports this package's layers)."""
-    return type(module).__name__ == "BTTMoELinear" and hasattr(module, "router") and hasattr(module, "top_k")
-
-
-def lowered_moe_forward(layer: nn.Module, x: Tensor) -> Tensor:
-    """A BTT-MoE layer's sparse forward for ONNX Runtime: φ-major combine, deterministic, no activation Split.
-
-    Per expert (a static loop over E): the (token, slot) pairs routed to it (``NonZero``), its tokens gathered
-    (``Gather``), the gates applied on the narrowest of input, intermediate and output, and two MatMuls whose
-    input permutes ORT fuses into ``FusedMatMul``. The second MatMul puts the tokens in the middle, ``(φ, m, ε)``,
-    so the results concatenate along the pair axis and go back to (token, slot) order by one ``Gather`` on
-    axis 1 that moves whole ε rows (the inverse permutation is built by a ``ScatterND`` whose indices are
-    unique); the k slots are then summed and a single ``(φ, N, ε) -> (N, φ, ε)`` Transpose moves ε-row blocks.
-    Token-major expert outputs would instead need a Transpose of N·k·d_out single elements, which ORT's CPU
-    kernel does slowly: at GPT-2 shapes the φ-major combine is ~30% faster per 1024->4096 layer. A
-    ``ScatterND(add)`` with each token k times in its indices is avoided: ONNX leaves duplicate indices
-    undefined and ONNX Runtime's multi-threaded CPU kernel can race on them (microsoft/onnxruntime#18048).
-    Unlike the eager sparse path (:mod:`einrewrite.moe`), the expert weights are per-expert initializers and
-    nothing here needs autograd.
-
-    Args:
-        layer: a :class:`~einrewrite.moe.BTTMoELinear`.
-        x: (..., in_features).
-
-    Returns:
-        (..., out_features), equal to ``layer(x)`` up to fp32 rounding.
-    """
-    from .moe import route
-
-    a, _, g, _, e, f, r = layer.spec.sizes
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, layer.in_features)  # (N, d_in)
-    weights = [getattr(layer, n) for n in layer._onnx_lowered_weights]  # A_i (γ, φ, α), then B_iᵀ (φ, γ, ε)
-    if x2.dtype != weights[0].dtype:
-        x2 = x2.to(weights[0].dtype)
-    index, gates = route(layer.router(x2), layer.top_k)  # (N, k), (N, k) fp32
-    pad = layer.spec.sizes.in_size - layer.in_features
-    xp = F.pad(x2, (0, pad)) if pad else x2  # (N, γα)
-    n, k = index.shape
-    gate_at = min((g * a, 0), (g * f, 1), (f * e, 2))[1]  # gate the narrowest: 0 input, 1 middle, 2 output
-    flat, flat_gates = index.reshape(-1), gates.to(xp.dtype).reshape(-1)  # (N·k,) each
-    outs, groups = [], []
-    for i in range(r):
-        pairs = torch.nonzero(flat == i).reshape(-1)  # (m,) pairs routed to expert i
-        gate = flat_gates.index_select(0, pairs)  # (m,)
-        xe = xp.index_select(0, torch.div(pairs, k, rounding_mode="floor"))  # (m, γα) their tokens
-        m = xe.shape[0]
-        if gate_at == 0:
-            xe = xe * gate.unsqueeze(1)  # (m, γα)
-        z = torch.matmul(weights[i], xe.reshape(m, g, a).permute(1, 2, 0))  # (γ, φ, α)@(γ, α, m) -> (γ, φ, m)
-        if gate_at == 1:
-            z = z * gate  # (γ, φ, m)
-        y = torch.matmul(z.permute(1, 2, 0), weights[r + i])  # (φ, m, γ)@(φ, γ, ε) -> (φ, m, ε)
-        if gate_at == 2:
-            y = y * gate.unsqueeze(1)  # (φ, m, ε)
-        outs.append(y)
-        groups.append(pairs)
-    ys = torch.cat(outs, dim=1)  # (φ, N·k, ε): pairs grouped by expert
-    order = torch.cat(groups)  # (N·k,) a permutation of the pair ids
-    positions = torch.arange(order.shape[0], device=order.device)  # (N·k,)
-    inverse = torch.zeros_like(order).index_put((order,), positions)  # (N·k,): ScatterND, unique indices
-    slot_major = inverse.reshape(n, k).t().reshape(-1)  # (k·N,): slot s of token t at s·N + t
-    ys = ys.index_select(1, slot_major).reshape(f, k, n, e)  # (φ, k, N, ε): a Gather of ε rows
-    out = ys.sum(1).permute(1, 0, 2).reshape(n, f * e)  # (φ, N, ε) -> (N, φ, ε) -> (N, φε)
-    y2 = out[:, : layer.out_features] if f * e != layer.out_features else out  # (N, d_out)
-    y2 = y2.reshape(*lead, layer.out_features)  # (..., d_out)
-    return y2 if layer.bias is None else y2 + layer.bias.to(y2.dtype)
-
-
-def _moe_forward_method(self: nn.Module, x: Tensor) -> Tensor:
+def _moe_forward_method(self: BTTMoELinear, x: Tensor) -> Tensor:
     return lowered_moe_forward(self, x)
 
 
@@ -369,8 +301,9 @@ def onnx_lowering(model: nn.Module) -> Iterator[nn.Module]:
     Pre-arranged weights are attached as temporary buffers, so the exporter writes them as initializers in the
     layout each MatMul consumes; the original parameters are not read by the lowered forward. Everything is
     undone on exit (buffers removed, the class forward restored), also on error. ``BTTMoELinear`` layers run
-    :func:`lowered_moe_forward` (sparse routing with a deterministic combine) with per-expert weights as
-    buffers; other modules keep their own forward.
+    :func:`~einrewrite.moe_lowering.lowered_moe_forward` (sparse routing with a deterministic combine, one
+    custom op per layer that :data:`~einrewrite.moe_lowering.ONNX_TRANSLATIONS` turns into ONNX) with their
+    per-group weights as buffers; other modules keep their own forward.
 
     Args:
         model: the module to export; modified in place until the context exits.
@@ -397,21 +330,16 @@ def onnx_lowering(model: nn.Module) -> Iterator[nn.Module]:
                 module._onnx_lowered_weights = names  # type: ignore[assignment]
                 module.forward = types.MethodType(_forward_method, module)  # type: ignore[method-assign]
                 patched.append(module)
-            elif _is_moe(module) and "forward" not in vars(module):
-                names = []
-                a_cores = module.A.detach().unbind(0)  # A_i (γ, φ, α)
-                b_cores = module.B.detach().transpose(-1, -2).unbind(0)  # B_iᵀ (φ, γ, ε)
-                experts = [*a_cores, *b_cores]
-                for i, w in enumerate(experts):
-                    name = f"{_BUFFER_PREFIX}w{i}"
-                    module.register_buffer(name, w.contiguous(), persistent=False)
-                    names.append(name)
-                module._onnx_lowered_weights = names
+            elif isinstance(module, BTTMoELinear) and "forward" not in vars(module):
+                attach_moe_weights(module, _BUFFER_PREFIX)
                 module.forward = types.MethodType(_moe_forward_method, module)
                 patched.append(module)
         yield model
     finally:
         for module in patched:
-            for name in vars(module).pop("_onnx_lowered_weights", []):
-                delattr(module, name)
+            if isinstance(module, BTTMoELinear):
+                detach_moe_weights(module)
+            else:
+                for name in vars(module).pop("_onnx_lowered_weights", []):
+                    delattr(module, name)
             vars(module).pop("forward", None)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from einrewrite.moe import BTTMoELinear
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -129,6 +131,20 @@ def low_rank_mlp(rank: int = 2, d: int = 64, hidden: int = 96) -> nn.Sequential:
             o, i = layer.weight.shape
             layer.weight.copy_(torch.randn(o, rank) @ torch.randn(rank, i) / i**0.5)
     return mlp
+
+
+def moe_layer(
+    d_in: int, d_out: int, *, experts: int = 4, k: int = 2, bias: bool = True, seed: int = 0, **splits: float
+) -> BTTMoELinear:
+    """A BTTMoELinear with a router that spreads tokens, stage-2 cores of scale 0.3 and a random bias."""
+    torch.manual_seed(seed)
+    layer = BTTMoELinear(d_in, d_out, num_experts=experts, top_k=k, bias=bias, **splits)
+    with torch.no_grad():
+        layer.router.weight.normal_()  # a router that actually spreads tokens
+        layer.B.normal_(0.0, 0.3)
+        if layer.bias is not None:
+            layer.bias.normal_()
+    return layer
 
 
 def tiny_gpt() -> tuple[nn.Module, tuple[Tensor]]:

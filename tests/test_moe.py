@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,22 +18,9 @@ from einrewrite.errors import StructureMismatchError
 from einrewrite.moe import route
 from einrewrite.structures.btt_moe import MoESpec
 
-from models import tiny_gpt  # type: ignore[import-not-found]
+from models import moe_layer, tiny_gpt  # type: ignore[import-not-found]
 
 SIZES = [(16, 16), (64, 32), (12, 36), (97, 97)]  # 97: both sides padded (input zero-padded, output cropped)
-
-
-def _layer(
-    d_in: int, d_out: int, *, experts: int = 4, k: int = 2, bias: bool = True, seed: int = 0, **splits: float
-) -> BTTMoELinear:
-    torch.manual_seed(seed)
-    layer = BTTMoELinear(d_in, d_out, num_experts=experts, top_k=k, bias=bias, **splits)
-    with torch.no_grad():
-        layer.router.weight.normal_()  # a router that actually spreads tokens
-        layer.B.normal_(0.0, 0.3)
-        if layer.bias is not None:
-            layer.bias.normal_()
-    return layer
 
 
 def _per_token_reference(layer: BTTMoELinear, x: Tensor) -> Tensor:
@@ -51,7 +37,7 @@ def _per_token_reference(layer: BTTMoELinear, x: Tensor) -> Tensor:
 # ---- the layer's function -------------------------------------------------------------------------------
 @pytest.mark.parametrize(("d_in", "d_out"), SIZES)
 def test_experts_are_the_rank_slices_of_one_rank_e_btt(d_in: int, d_out: int) -> None:
-    layer = _layer(d_in, d_out)
+    layer = moe_layer(d_in, d_out)
     btt = EinsumLinear(layer.spec.btt, bias=False)
     with torch.no_grad():
         for name, core in layer.btt_cores().items():
@@ -63,7 +49,7 @@ def test_experts_are_the_rank_slices_of_one_rank_e_btt(d_in: int, d_out: int) ->
 @pytest.mark.parametrize("dispatch", ["sparse", "dense"])
 @pytest.mark.parametrize(("d_in", "d_out"), SIZES)
 def test_gated_rank_e_btt_equals_sum_of_gated_rank1_experts(dispatch: str, d_in: int, d_out: int) -> None:
-    layer = _layer(d_in, d_out)
+    layer = moe_layer(d_in, d_out)
     layer.dispatch = dispatch  # type: ignore[assignment]
     x = torch.randn(2, 5, d_in)
     torch.testing.assert_close(layer(x), _per_token_reference(layer, x), rtol=1e-5, atol=1e-5)
@@ -81,7 +67,7 @@ def _grads(layer: BTTMoELinear, x: Tensor, dispatch: str) -> tuple[Tensor, dict[
 
 @pytest.mark.parametrize(("d_in", "d_out"), SIZES)
 def test_dense_and_sparse_dispatch_agree_in_outputs_and_gradients(d_in: int, d_out: int) -> None:
-    layer = _layer(d_in, d_out, experts=8)
+    layer = moe_layer(d_in, d_out, experts=8)
     x = torch.randn(3, 7, d_in)
     y_sparse, g_sparse = _grads(layer, x, "sparse")
     y_dense, g_dense = _grads(layer, x, "dense")
@@ -112,7 +98,7 @@ def test_zero_init_ties_route_to_the_first_experts_on_both_paths() -> None:
 
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_empty_experts_and_tiny_batches(tokens: int) -> None:
-    layer = _layer(16, 24, experts=8)  # 8 experts, at most 2·tokens used
+    layer = moe_layer(16, 24, experts=8)  # 8 experts, at most 2·tokens used
     x = torch.randn(tokens, 16)
     y_sparse, g_sparse = _grads(layer, x, "sparse")
     y_dense, g_dense = _grads(layer, x, "dense")
@@ -122,13 +108,13 @@ def test_empty_experts_and_tiny_batches(tokens: int) -> None:
 
 
 def test_empty_batch() -> None:
-    layer = _layer(16, 16)
+    layer = moe_layer(16, 16)
     assert layer(torch.randn(0, 16)).shape == (0, 16)
 
 
 def test_wrong_width_names_the_layer() -> None:
     with pytest.raises(RuntimeError, match=r"BTTMoELinear\(btt_moe.*expects inputs with 16 features"):
-        _layer(16, 16)(torch.randn(2, 15))
+        moe_layer(16, 16)(torch.randn(2, 15))
 
 
 def test_bad_arguments_raise_with_the_fix() -> None:
@@ -141,10 +127,10 @@ def test_bad_arguments_raise_with_the_fix() -> None:
 
 
 def test_float64_and_autocast() -> None:
-    layer = _layer(32, 32).double()
+    layer = moe_layer(32, 32).double()
     x = torch.randn(4, 32, dtype=torch.float64)
     assert layer(x).dtype == torch.float64
-    layer = _layer(32, 32)
+    layer = moe_layer(32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(torch.randn(4, 32))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
@@ -231,7 +217,7 @@ def test_param_groups_cover_cores_and_router() -> None:
 
 
 def test_from_linear_projects_to_a_rank_e_btt() -> None:
-    member = _layer(32, 48, experts=4, bias=True)
+    member = moe_layer(32, 48, experts=4, bias=True)
     dense = sum(member.expert_weight(e) for e in range(4)).detach()  # a rank-4 BTT: exact projection
     linear = nn.Linear(32, 48)
     with torch.no_grad():
@@ -249,7 +235,7 @@ def test_from_linear_projects_to_a_rank_e_btt() -> None:
 
 # ---- router losses and statistics -------------------------------------------------------------------------
 def test_aux_loss_equals_a_hand_computation() -> None:
-    layer = _layer(8, 8, experts=4, k=2, bias=False).train()
+    layer = moe_layer(8, 8, experts=4, k=2, bias=False).train()
     x = torch.randn(6, 8)
     layer(x)
     logits = (x @ layer.router.weight.T).tolist()
@@ -273,13 +259,13 @@ def test_aux_loss_equals_a_hand_computation() -> None:
 
 
 def test_moe_aux_loss_is_the_mean_over_layers_and_zero_in_eval() -> None:
-    model = nn.Sequential(_layer(8, 8, seed=1), nn.ReLU(), _layer(8, 8, seed=2)).train()
+    model = nn.Sequential(moe_layer(8, 8, seed=1), nn.ReLU(), moe_layer(8, 8, seed=2)).train()
     model(torch.randn(5, 8))
     expected = (model[0].aux_loss + model[2].aux_loss) / 2
     torch.testing.assert_close(moe_aux_loss(model), expected)
     copied = copy.deepcopy(model)  # the stored loss is a graph node: copies (export_onnx's) drop it
     assert copied[0].aux_loss is None and model[0].aux_loss is not None
-    fresh = nn.Sequential(_layer(8, 8)).eval()
+    fresh = nn.Sequential(moe_layer(8, 8)).eval()
     fresh(torch.randn(5, 8))
     assert float(moe_aux_loss(fresh)) == 0.0 and fresh[0].router_stats() == {}
 
@@ -320,7 +306,7 @@ def test_training_spreads_the_load_across_experts() -> None:
 @pytest.mark.slow  # dynamo tracing: about 10 s on the shared 2-core machine
 @pytest.mark.usefixtures("one_thread")
 def test_torch_compile_runs_the_layer() -> None:
-    layer = _layer(32, 32, experts=4)
+    layer = moe_layer(32, 32, experts=4)
     compiled = torch.compile(layer, backend="aot_eager")
     x = torch.randn(2, 6, 32, requires_grad=True)
     y = compiled(x)
@@ -361,100 +347,3 @@ def test_rewrite_turns_every_linear_of_a_tiny_gpt_into_btt_moe_but_the_tied_head
     reloaded = er.load_pretrained(out, base_model=base).eval()
     torch.testing.assert_close(reloaded(*inputs), new(*inputs))
     assert isinstance(reloaded.get_submodule(linears[0]), BTTMoELinear)
-
-
-# ---- ONNX ------------------------------------------------------------------------------------------------
-def _ancestors(graph: object, name: str) -> set[str]:
-    """Op types of every node the value ``name`` depends on."""
-    producer = {out: node for node in graph.node for out in node.output}  # type: ignore[attr-defined]
-    seen: set[str] = set()
-    types: set[str] = set()
-    stack = [name]
-    while stack:
-        value = stack.pop()
-        node = producer.get(value)
-        if node is None or node.name in seen:
-            continue
-        seen.add(node.name)
-        types.add(node.op_type)
-        stack.extend(node.input)
-    return types
-
-
-def _check_sparse_graph(path: Path, experts: int) -> None:
-    onnx = pytest.importorskip("onnx")
-    graph = onnx.load(str(path)).graph
-    ops = [n.op_type for n in graph.node]
-    assert "Einsum" not in ops
-    assert ops.count("NonZero") >= experts and "Gather" in ops and "ScatterND" in ops
-    # every per-expert MatMul reads its expert's tokens (selected through NonZero), not the whole batch
-    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
-    assert len(matmuls) >= 2 * experts
-    assert all("NonZero" in _ancestors(graph, n.input[0]) | _ancestors(graph, n.input[1]) for n in matmuls)
-
-
-def _run_ort(path: Path, x: Tensor) -> Tensor:
-    session = er.export.onnxruntime_session(path)
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    return torch.from_numpy(out)
-
-
-def test_export_onnx_of_the_layer_runs_sparse_routing_in_onnxruntime(tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
-    layer = _layer(40, 24, experts=3).eval()  # 40 -> 48 padded input, 24 = 4·6 output
-    report = er.export_onnx(layer, (torch.randn(2, 8, 40),), tmp_path / "moe.onnx")
-    assert report.checked and report.max_abs_diff is not None and report.max_abs_diff < 1e-4
-    assert not report.einsum_nodes
-    _check_sparse_graph(tmp_path / "moe.onnx", 3)
-    for shape in ((3, 5, 40), (1, 1, 40)):  # dynamic batch and sequence, including one token
-        x = torch.randn(*shape)
-        with torch.no_grad():
-            torch.testing.assert_close(_run_ort(tmp_path / "moe.onnx", x), layer(x), rtol=1e-4, atol=1e-4)
-
-
-def test_export_onnx_of_a_model_with_moe_layers(tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
-    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), _layer(64, 32, seed=2, experts=3), nn.LayerNorm(32)).eval()
-    report = er.export_onnx(model, (torch.randn(4, 32),), tmp_path / "model.onnx")
-    assert report.checked and not report.einsum_nodes
-    _check_sparse_graph(tmp_path / "model.onnx", 3)
-    x = torch.randn(9, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(_run_ort(tmp_path / "model.onnx", x), model(x), rtol=1e-4, atol=1e-4)
-
-
-# (d_in, d_out, in_split, out_split, top_k): the narrowest of input γα, intermediate γφ and output φε is
-# where the export applies the gates; one case each, and k = 3 for the slot-major gather with k > 2.
-_GATE_CASES = {
-    "input": (16, 96, 0.5, 0.5, 2),
-    "middle": (64, 64, 0.75, 0.75, 3),
-    "output": (96, 20, 0.5, 0.5, 2),
-}
-
-
-@pytest.mark.parametrize("where", sorted(_GATE_CASES))
-def test_export_onnx_matches_and_repeats_bitwise_wherever_the_gates_apply(where: str, tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
-    d_in, d_out, in_split, out_split, k = _GATE_CASES[where]
-    layer = _layer(d_in, d_out, k=k, seed=3, in_split=in_split, out_split=out_split)
-    a, _, g, _, e, f, _ = layer.spec.sizes
-    widths = {"input": g * a, "middle": g * f, "output": f * e}
-    assert min(widths, key=widths.__getitem__) == where, widths  # the case really gates there
-    layer.eval()
-    er.export_onnx(layer, (torch.randn(2, 7, d_in),), tmp_path / "moe.onnx")
-    session = er.export.onnxruntime_session(tmp_path / "moe.onnx", threads=2)
-    x = torch.randn(4, 300, d_in)  # 1,200 tokens: big enough for ORT to split kernels over threads
-    feeds = {session.get_inputs()[0].name: x.numpy()}
-    first = session.run(None, feeds)[0]
-    with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(first), layer(x), rtol=1e-4, atol=1e-4)
-    for _ in range(5):  # the combine has no ScatterND(add) over duplicate indices: runs agree bit for bit
-        np.testing.assert_array_equal(session.run(None, feeds)[0], first)
-
-
-def test_export_onnx_in_float16_runs_on_the_cpu_provider(tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
-    layer = _layer(64, 96, experts=4).eval()
-    report = er.export_onnx(layer, (torch.randn(2, 8, 64),), tmp_path / "half.onnx", dtype="float16")
-    assert report.checked and report.dtype == "float16"
-    assert report.max_abs_diff is not None and 0 < report.max_abs_diff < 2e-2  # fp16 rounding, not fp32 equality

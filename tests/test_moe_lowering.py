@@ -1,0 +1,177 @@
+"""The BTT-MoE export (einrewrite.moe_lowering): both token groupings equal the layer, route sparsely in ONNX
+Runtime, give the same bits on every run and keep dynamic shapes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import einrewrite as er
+from einrewrite import moe_lowering
+from einrewrite.moe import BTTMoELinear
+from einrewrite.moe_lowering import expert_sets, lowered_moe_forward
+
+from models import moe_layer  # type: ignore[import-not-found]
+
+GROUPINGS = ["set", "expert"]
+
+
+def _group_by(grouping: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the export group tokens by expert set (the default for few sets) or by expert."""
+    if grouping == "expert":
+        monkeypatch.setattr(moe_lowering, "MAX_EXPERT_SETS", 0)
+
+
+def _groups(layer: BTTMoELinear, grouping: str) -> int:
+    return math.comb(layer.num_experts, layer.top_k) if grouping == "set" else layer.num_experts
+
+
+def test_expert_sets_are_the_k_subsets_up_to_the_limit() -> None:
+    assert expert_sets(4, 2) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert len(expert_sets(8, 2) or []) == 28 and expert_sets(8, 1) == [(i,) for i in range(8)]
+    assert expert_sets(3, 3) == [(0, 1, 2)]
+    assert expert_sets(8, 3) is None and expert_sets(16, 2) is None  # 56 and 120 sets: grouped by expert
+
+
+# (d_in, d_out, experts, k): padded input and cropped output (97), 3 experts, k = 1, k = 3, all experts picked
+_LAYERS = [(97, 97, 4, 2), (40, 24, 3, 2), (64, 96, 8, 1), (64, 64, 4, 3), (32, 48, 4, 4)]
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize(("d_in", "d_out", "experts", "k"), _LAYERS)
+def test_lowered_forward_equals_the_layer_and_leaves_it_untouched(
+    grouping: str, d_in: int, d_out: int, experts: int, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _group_by(grouping, monkeypatch)
+    layer = moe_layer(d_in, d_out, experts=experts, k=k)
+    state = {n: t.clone() for n, t in layer.state_dict().items()}
+    x = torch.randn(3, 50, d_in)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered_moe_forward(layer, x), layer(x), rtol=1e-5, atol=1e-5)
+    assert layer.state_dict().keys() == state.keys() and not dict(layer.named_buffers())
+    assert all(torch.equal(layer.state_dict()[n], t) for n, t in state.items())
+
+
+def _ancestors(graph: object, name: str) -> set[str]:
+    """Op types of every node the value ``name`` depends on."""
+    producer = {out: node for node in graph.node for out in node.output}  # type: ignore[attr-defined]
+    seen: set[str] = set()
+    types: set[str] = set()
+    stack = [name]
+    while stack:
+        value = stack.pop()
+        node = producer.get(value)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        types.add(node.op_type)
+        stack.extend(node.input)
+    return types
+
+
+def _check_sparse_graph(path: Path, groups: int) -> None:
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "Einsum" not in ops
+    assert ops.count("NonZero") == groups and "Gather" in ops and "ScatterND" in ops
+    # every group's two MatMuls read its tokens (selected through NonZero), not the whole batch
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 2 * groups
+    assert all("NonZero" in _ancestors(graph, n.input[0]) | _ancestors(graph, n.input[1]) for n in matmuls)
+
+
+def _run_ort(path: Path, x: Tensor) -> Tensor:
+    session = er.export.onnxruntime_session(path)
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_export_onnx_of_the_layer_runs_sparse_routing_in_onnxruntime(
+    grouping: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnxruntime")
+    _group_by(grouping, monkeypatch)
+    layer = moe_layer(40, 24, experts=4).eval()  # 40 -> 48 padded input, 24 = 4·6 output
+    report = er.export_onnx(layer, (torch.randn(2, 8, 40),), tmp_path / "moe.onnx")
+    assert report.checked and report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+    assert not report.einsum_nodes
+    _check_sparse_graph(tmp_path / "moe.onnx", _groups(layer, grouping))
+    for shape in ((3, 5, 40), (1, 1, 40)):  # dynamic batch and sequence, including one token
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(_run_ort(tmp_path / "moe.onnx", x), layer(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_of_a_model_with_moe_layers(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), moe_layer(64, 32, seed=2, experts=3), nn.LayerNorm(32)).eval()
+    report = er.export_onnx(model, (torch.randn(4, 32),), tmp_path / "model.onnx")
+    assert report.checked and not report.einsum_nodes
+    _check_sparse_graph(tmp_path / "model.onnx", 3)  # C(3, 2) = 3 expert pairs
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(_run_ort(tmp_path / "model.onnx", x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def _check_parity_and_repeats(layer: BTTMoELinear, path: Path) -> None:
+    """ORT on 2 threads matches the layer on 1,200 tokens and gives the same bits on 5 more runs."""
+    layer.eval()
+    er.export_onnx(layer, (torch.randn(2, 7, layer.in_features),), path)
+    session = er.export.onnxruntime_session(path, threads=2)
+    x = torch.randn(4, 300, layer.in_features)  # big enough for ORT to split kernels over threads
+    feeds = {session.get_inputs()[0].name: x.numpy()}
+    first = session.run(None, feeds)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(first), layer(x), rtol=1e-4, atol=1e-4)
+    for _ in range(5):  # no ScatterND(add) over duplicate indices anywhere: runs agree bit for bit
+        np.testing.assert_array_equal(session.run(None, feeds)[0], first)
+
+
+@pytest.mark.parametrize(("experts", "k"), [(8, 2), (4, 3), (6, 1)])
+def test_export_by_expert_set_matches_and_repeats_bitwise(experts: int, k: int, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    layer = moe_layer(64, 96, experts=experts, k=k, seed=4)
+    assert expert_sets(experts, k) is not None
+    _check_parity_and_repeats(layer, tmp_path / "moe.onnx")
+
+
+# Grouped by expert, the gates apply on the narrowest of input γα, intermediate γφ and output φε:
+# (d_in, d_out, in_split, out_split, top_k), one case each, and k = 3 for the slot-major gather with k > 2.
+_GATE_CASES = {
+    "input": (16, 96, 0.5, 0.5, 2),
+    "middle": (64, 64, 0.75, 0.75, 3),
+    "output": (96, 20, 0.5, 0.5, 2),
+}
+
+
+@pytest.mark.parametrize("where", sorted(_GATE_CASES))
+def test_export_by_expert_matches_and_repeats_bitwise_wherever_the_gates_apply(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnxruntime")
+    _group_by("expert", monkeypatch)
+    d_in, d_out, in_split, out_split, k = _GATE_CASES[where]
+    layer = moe_layer(d_in, d_out, k=k, seed=3, in_split=in_split, out_split=out_split)
+    a, _, g, _, e, f, _ = layer.spec.sizes
+    widths = {"input": g * a, "middle": g * f, "output": f * e}
+    assert min(widths, key=widths.__getitem__) == where, widths  # the case really gates there
+    _check_parity_and_repeats(layer, tmp_path / "moe.onnx")
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_export_onnx_in_float16_runs_on_the_cpu_provider(
+    grouping: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnxruntime")
+    _group_by(grouping, monkeypatch)
+    layer = moe_layer(64, 96, experts=4).eval()
+    report = er.export_onnx(layer, (torch.randn(2, 8, 64),), tmp_path / "half.onnx", dtype="float16")
+    assert report.checked and report.dtype == "float16"
+    assert report.max_abs_diff is not None and 0 < report.max_abs_diff < 2e-2  # fp16 rounding, not fp32 equality
