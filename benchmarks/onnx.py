@@ -13,8 +13,10 @@ It prints the times, the ratios ``dense ORT / structured ORT`` (target >= 3x on 
 ``structured torch / structured ORT`` (target >= 1x), and with ``--profile`` the ORT time per op type of each
 model, which says where the time goes when a target is missed.
 
-BTT-MoE routers are left as the rewrite makes them (zero: every token goes to experts 0..k-1); ``--router
-random`` draws them at random so the load spreads over all experts. The printed max expert load says which.
+BTT-MoE is timed twice in the same run: ``btt_moe:init`` with the routers the rewrite makes (zero: every
+token goes to experts 0..k-1, as in an untrained rewrite) and ``btt_moe:random`` with routers drawn at random,
+which spread the load over all experts as a trained router does; ``--router init`` or ``random`` keeps one.
+The printed max expert load says how the tokens spread.
 
 ``--provider cuda`` runs the same on a GPU: the CUDA execution provider in float16 (nodes left on the CPU are
 counted) against torch eager on the GPU in float16.
@@ -201,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "float16"], default=None,
                         help="precision of every contender (default float32 on cpu, float16 on cuda)")
     parser.add_argument("--structures", default="btt,btt_moe", help="comma-separated: btt, btt_moe")
-    parser.add_argument("--router", choices=["init", "random"], default="init",
-                        help="BTT-MoE routers as the rewrite leaves them (zero: all tokens on experts 0..k-1) or "
-                             "drawn at random (the load spread over every expert)")
+    parser.add_argument("--router", default="init,random",
+                        help="comma-separated BTT-MoE routers, one model each: init (as the rewrite leaves them, "
+                             "zero: all tokens on experts 0..k-1), random (the load spread over every expert)")
     parser.add_argument("--dense-torch", action="store_true", help="also time the dense model in torch eager")
     parser.add_argument("--profile", action="store_true", help="ORT time per op type of each model (cpu)")
     args = parser.parse_args(argv)
@@ -222,10 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     dense, example = build(n_embd=args.d, n_layer=args.layers, n_head=args.heads, block_size=args.seq)
     wanted = {s.strip() for s in args.structures.split(",") if s.strip()}
-    models = {"dense": dense, **structured_models(dense, example, args.ratio, wanted)}
-    if args.router == "random":
-        for model in models.values():
-            spread_routers(model)
+    routers = [r.strip() for r in args.router.split(",") if r.strip()]
+    if not routers or set(routers) - {"init", "random"}:
+        parser.error(f"--router takes init and/or random, got {args.router!r}")
+    models = {"dense": dense}
+    for name, model in structured_models(dense, example, args.ratio, wanted).items():
+        if name != "btt_moe":
+            models[name] = model
+            continue
+        for router in routers:  # one model per router setting, timed in the same run
+            variant = copy.deepcopy(model) if router != routers[-1] else model
+            if router == "random":
+                spread_routers(variant)
+            models[f"btt_moe:{router}"] = variant
     idx = torch.randint(0, dense.wte.num_embeddings, (args.batch, args.seq))
     tokens = args.batch * args.seq
     print(
@@ -236,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, model in models.items():
         macs = linear_macs(model)
         load = max_expert_load(model, idx[:1])
-        print(f"  {name:8s} linear MACs/token {macs:>12,} ({macs / linear_macs(dense):.3f} of dense)"
-              + ("" if load is None else f"; routers '{args.router}': max expert load {load:.2f}x balanced"))
+        print(f"  {name:14s} linear MACs/token {macs:>12,} ({macs / linear_macs(dense):.3f} of dense)"
+              + ("" if load is None else f"; max expert load {load:.2f}x balanced"))
 
     fns: dict[str, Callable[[], object]] = {}
     paths: dict[str, Path] = {}
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(tmp) / f"{name}.onnx"
             report = er.export_onnx(model, (export_idx,), path, dtype=dtype, providers=args.provider)
             placed = ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in report.placement.items())
-            print(f"  {name:8s} exported: {sum(report.op_counts.values())} nodes, ORT parity "
+            print(f"  {name:14s} exported: {sum(report.op_counts.values())} nodes, ORT parity "
                   f"{report.max_abs_diff:.2g}; nodes per provider: {placed or 'n/a'}"
                   + (f"; CPU fallback: {len(report.fallback_nodes)}" if report.fallback_nodes else ""))
             paths[name] = path

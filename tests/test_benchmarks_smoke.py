@@ -66,10 +66,12 @@ def test_onnx_benchmark_quick_prints_ratios() -> None:
     assert "ORT parity" in out
 
 
-def test_onnx_benchmark_runs_btt_moe_with_spread_routers() -> None:
-    small = ("--d", "256", "--layers", "1", "--heads", "4", "--batch", "2", "--seq", "64")  # one block: ~30 s
-    out = _run("onnx.py", *small, "--repeats", "1", "--structures", "btt_moe", "--router", "random", timeout=240)
-    load = re.search(r"btt_moe .*routers 'random': max expert load ([\d.]+)x balanced", out)
-    assert load is not None, out
-    assert 1.0 <= float(load.group(1)) < 4.0  # E/k = 4 would mean every token on the same two experts
-    assert re.search(r"^btt_moe\s+([\d.]+)x\s+([\d.]+)x\s+(met|MISSED)", out, re.M), out
+def test_onnx_benchmark_times_btt_moe_with_both_routers() -> None:
+    small = ("--d", "256", "--layers", "1", "--heads", "4", "--batch", "2", "--seq", "64")  # one block
+    out = _run("onnx.py", *small, "--repeats", "1", "--structures", "btt_moe", timeout=240)
+    loads = dict(re.findall(r"(btt_moe:\w+) .*max expert load ([\d.]+)x balanced", out))
+    assert set(loads) == {"btt_moe:init", "btt_moe:random"}, out
+    assert float(loads["btt_moe:init"]) == 4.0  # zero routers: every token on experts 0 and 1 (E/k = 4)
+    assert 1.0 <= float(loads["btt_moe:random"]) < 4.0  # spread over the experts
+    for name in loads:
+        assert re.search(rf"^{name}\s+([\d.]+)x\s+([\d.]+)x\s+(met|MISSED)", out, re.M), out
