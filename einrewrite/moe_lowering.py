@@ -261,19 +261,21 @@ def _onnx_by_expert_set(
 ) -> Any:
     from onnxscript import opset18 as op
 
-    a, g, f, e, _, k = sizes
+    a, g, f, e, r, k = sizes
+    flat, split, merged = _ints(-1), _ints(g, k, f, -1), _ints(g * k, f, -1)  # shared by every set
     x3 = op.Reshape(x, _ints(-1, g, a))  # (N, γ, α)
+    by_expert = op.Reshape(op.Transpose(table, perm=[1, 0]), _ints(r, 1, -1))  # (E, 1, N) gate per expert
     sets = len(members) // k
     outs, groups = [], []
     for s in range(sets):
         ids = list(members[s * k : (s + 1) * k])
         mask = op.Equal(code, op.Constant(value_int=sum(1 << i for i in ids)))  # (N,)
-        tokens = op.Reshape(op.NonZero(mask), _ints(-1))  # (m,)
-        gate = op.Transpose(op.Gather(op.Gather(table, tokens, axis=0), _ints(*ids), axis=1), perm=[1, 0])  # (k, m)
+        tokens = op.Reshape(op.NonZero(mask), flat)  # (m,)
+        gate = op.Gather(op.Gather(by_expert, _ints(*ids), axis=0), tokens, axis=2)  # (k, 1, m)
         xe = op.Transpose(op.Gather(x3, tokens, axis=0), perm=[1, 2, 0])  # (m, γ, α) -> (γ, α, m)
         z = op.MatMul(weights[s], xe)  # (γ, kφ, α)@(γ, α, m) -> (γ, kφ, m)
-        z = op.Mul(op.Reshape(z, _ints(g, k, f, -1)), op.Reshape(gate, _ints(k, 1, -1)))  # (γ, k, φ, m)
-        z = op.Transpose(op.Reshape(z, _ints(g * k, f, -1)), perm=[1, 2, 0])  # (φ, m, γk)
+        z = op.Mul(op.Reshape(z, split), gate)  # (γ, k, φ, m): each expert's gate
+        z = op.Transpose(op.Reshape(z, merged), perm=[1, 2, 0])  # (φ, m, γk)
         outs.append(op.MatMul(z, weights[sets + s]))  # (φ, m, γk)@(φ, γk, ε) -> (φ, m, ε)
         groups.append(tokens)
     ys = op.Gather(op.Concat(*outs, axis=1), _onnx_inverse(op.Concat(*groups, axis=0)), axis=1)  # (φ, N, ε)
@@ -285,19 +287,21 @@ def _onnx_by_expert(x: Any, index: Any, gates: Any, weights: Sequence[Any], size
 
     a, g, f, e, r, k = sizes
     gate_at = _gate_position(sizes)
+    flat, tokens_major, slots = _ints(-1), _ints(-1, g, a), op.Constant(value_int=k)  # shared by every expert
+    gate_shape = {0: _ints(-1, 1), 1: _ints(-1), 2: _ints(1, -1, 1)}[gate_at]  # broadcast against the gated tensor
     outs, groups = [], []
     for i in range(r):
-        pairs = op.Reshape(op.NonZero(op.Equal(index, op.Constant(value_int=i))), _ints(-1))  # (m,)
-        gate = op.Gather(gates, pairs, axis=0)  # (m,)
-        xe = op.Gather(x, op.Div(pairs, op.Constant(value_int=k)), axis=0)  # (m, γα): integer division
+        pairs = op.Reshape(op.NonZero(op.Equal(index, op.Constant(value_int=i))), flat)  # (m,)
+        gate = op.Reshape(op.Gather(gates, pairs, axis=0), gate_shape)  # (m, 1), (m,) or (1, m, 1)
+        xe = op.Gather(x, op.Div(pairs, slots), axis=0)  # (m, γα): integer division
         if gate_at == 0:
-            xe = op.Mul(xe, op.Unsqueeze(gate, _ints(1)))  # (m, γα)
-        z = op.MatMul(weights[i], op.Transpose(op.Reshape(xe, _ints(-1, g, a)), perm=[1, 2, 0]))  # (γ, φ, m)
+            xe = op.Mul(xe, gate)  # (m, γα)
+        z = op.MatMul(weights[i], op.Transpose(op.Reshape(xe, tokens_major), perm=[1, 2, 0]))  # (γ, φ, m)
         if gate_at == 1:
             z = op.Mul(z, gate)  # (γ, φ, m)
         y = op.MatMul(op.Transpose(z, perm=[1, 2, 0]), weights[r + i])  # (φ, m, γ)@(φ, γ, ε) -> (φ, m, ε)
         if gate_at == 2:
-            y = op.Mul(y, op.Reshape(gate, _ints(1, -1, 1)))  # (φ, m, ε)
+            y = op.Mul(y, gate)  # (φ, m, ε)
         outs.append(y)
         groups.append(pairs)
     inverse = op.Reshape(_onnx_inverse(op.Concat(*groups, axis=0)), _ints(-1, k))  # (N, k)
