@@ -42,15 +42,19 @@ def _parse_tokens(ctx: click.Context, param: click.Parameter, value: str) -> tup
               help="ONNX Runtime execution provider of the parity check.")
 @click.option("--no-check", is_flag=True, help="Skip running the model in ONNX Runtime against PyTorch.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--moe-grouping", type=click.Choice(["auto", "set", "expert"]), default="auto", show_default=True,
+              help="BTT-MoE token groups: by expert set (wide layers, many tokens) or by expert (narrow layers, "
+                   "decoding); auto picks per layer by width.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export_command(model_dir: str, output: str, dtype: str, provider: str, no_check: bool, force: bool,
-                   as_json: bool) -> None:
+                   moe_grouping: str, as_json: bool) -> None:
     """Export the rewritten model in DIR (an einrewrite output directory) to ONNX and check it in ONNX Runtime.
 
     Structured layers lower to MatMul chains (no Einsum node); batch and sequence length stay dynamic.
     """
     report = export_saved(model_dir, output, dtype=dtype,  # type: ignore[arg-type]
-                          providers=provider, check=not no_check, overwrite=force)
+                          providers=provider, check=not no_check, overwrite=force,
+                          moe_grouping=moe_grouping)  # type: ignore[arg-type]
     if as_json:
         _echo_json(report.to_dict())
     else:

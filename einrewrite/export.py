@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
 from .lowering import onnx_lowering
-from .moe_lowering import ONNX_TRANSLATIONS
+from .moe_lowering import ONNX_TRANSLATIONS, MoEGrouping
 
 __all__ = ["ExportReport", "export_onnx", "export_saved", "onnxruntime_session", "resolve_providers"]
 
@@ -132,6 +132,7 @@ def export_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     opset: int | None = None,
+    moe_grouping: MoEGrouping = "auto",
 ) -> ExportReport:
     """Export ``model`` to ONNX with the torch dynamo exporter and check it.
 
@@ -149,6 +150,10 @@ def export_onnx(
         atol: override the parity tolerance.
         rtol: override the relative parity tolerance.
         opset: ONNX opset (default: the exporter's).
+        moe_grouping: how BTT-MoE layers group tokens (:mod:`einrewrite.moe_lowering`): ``"set"`` by the set of
+            experts a token picked (one MatMul pair per set; less activation traffic, more nodes: faster on
+            wide layers and many tokens), ``"expert"`` by expert (fewer nodes: faster for narrow layers and
+            decoding), ``"auto"`` (default) by set for layers with ``d_in + 2·d_out >= 3072``.
 
     Returns:
         An :class:`ExportReport`; ``report.summary()`` prints it.
@@ -166,6 +171,8 @@ def export_onnx(
 
     if dtype not in _TOLERANCES:
         raise ExportError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    if moe_grouping not in ("auto", "set", "expert"):
+        raise ExportError(f"moe_grouping must be 'auto', 'set' or 'expert', got {moe_grouping!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -178,7 +185,7 @@ def export_onnx(
         work = work.half()
         args, kwargs = _cast_floats((args, kwargs), torch.float16)
     dynamic = _dynamic_shapes(work, args, kwargs) if dynamic_axes else None
-    with onnx_lowering(work):  # structured layers trace as MatMul chains with pre-arranged weights
+    with onnx_lowering(work, moe_grouping):  # structured layers trace as MatMul chains with pre-arranged weights
         program = _run_exporter(work, args, kwargs, dynamic, opset)
     program.save(str(path))
     try:
@@ -216,6 +223,7 @@ def export_saved(
     providers: Sequence[str] | str | None = None,
     check: bool = True,
     overwrite: bool = False,
+    moe_grouping: MoEGrouping = "auto",
 ) -> ExportReport:
     """:func:`export_onnx` of the model saved in an einrewrite output directory (``einrewrite export``).
 
@@ -229,6 +237,7 @@ def export_saved(
         providers: ONNX Runtime providers for the parity check (default CPU).
         check: run the parity check in ONNX Runtime.
         overwrite: replace an existing ``path`` (and its ``.data`` file).
+        moe_grouping: how BTT-MoE layers group tokens (see :func:`export_onnx`).
 
     Raises:
         ExportError: ``path`` exists and ``overwrite`` is False, a provider is missing, no example inputs, or the
@@ -259,7 +268,7 @@ def export_saved(
             stale.unlink()
     args, kwargs = inputs
     return export_onnx(model, tuple(args), path, example_kwargs=dict(kwargs), dtype=dtype, check=check,
-                       providers=providers)
+                       providers=providers, moe_grouping=moe_grouping)
 
 
 def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:

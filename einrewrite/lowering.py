@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .layers import EinsumLinear
 from .moe import BTTMoELinear
-from .moe_lowering import attach_moe_weights, detach_moe_weights, lowered_moe_forward
+from .moe_lowering import MoEGrouping, attach_moe_weights, detach_moe_weights, lowered_moe_forward
 from .spec import EinsumSpec
 
 __all__ = ["LoweringPlan", "StagePlan", "lowered_forward", "lowering_plan", "onnx_lowering"]
@@ -295,7 +295,7 @@ def _moe_forward_method(self: BTTMoELinear, x: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def onnx_lowering(model: nn.Module) -> Iterator[nn.Module]:
+def onnx_lowering(model: nn.Module, moe_grouping: MoEGrouping = "auto") -> Iterator[nn.Module]:
     """Make every structured :class:`EinsumLinear` in ``model`` run :func:`lowered_forward` for the duration.
 
     Pre-arranged weights are attached as temporary buffers, so the exporter writes them as initializers in the
@@ -307,6 +307,8 @@ def onnx_lowering(model: nn.Module) -> Iterator[nn.Module]:
 
     Args:
         model: the module to export; modified in place until the context exits.
+        moe_grouping: how BTT-MoE layers group tokens: ``"auto"``, ``"set"`` or ``"expert"``
+            (:func:`~einrewrite.moe_lowering.grouped_by_set`).
 
     Yields:
         ``model``.
@@ -331,7 +333,7 @@ def onnx_lowering(model: nn.Module) -> Iterator[nn.Module]:
                 module.forward = types.MethodType(_forward_method, module)  # type: ignore[method-assign]
                 patched.append(module)
             elif isinstance(module, BTTMoELinear) and "forward" not in vars(module):
-                attach_moe_weights(module, _BUFFER_PREFIX)
+                attach_moe_weights(module, _BUFFER_PREFIX, moe_grouping)
                 module.forward = types.MethodType(_moe_forward_method, module)
                 patched.append(module)
         yield model

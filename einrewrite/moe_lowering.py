@@ -5,11 +5,11 @@ by ``NonZero`` and ``Gather``; what separates a fast export from a slow one is t
 them (ecosystem-notes §4), which on a 2-core CPU runs at memory bandwidth. Two groupings are exported:
 
 * **By expert set** (:func:`expert_sets`, when there are at most :data:`MAX_EXPERT_SETS` of them, e.g. the
-  28 pairs of E=8, k=2): tokens are grouped by the *set* of experts they picked. Each group runs its k experts
+  28 pairs of E=8, k=2, and by default only for layers wide enough to gain, :func:`grouped_by_set`): tokens are grouped by the *set* of experts they picked. Each group runs its k experts
   as one MatMul pair, with the k experts' stage-1 cores stacked along φ and their stage-2 cores stacked along
   the contracted γ, so the second MatMul already sums the k gated expert outputs. Every token is in exactly one
   group: its input is gathered once and its output written once, with no k-sum.
-* **By expert** (more sets than that): each expert gathers the (token, slot) pairs routed to it, the results
+* **By expert** (more sets than that, narrow layers, or ``moe_grouping="expert"``): each expert gathers the (token, slot) pairs routed to it, the results
   concatenate and one Gather puts them back in (token, slot) order before the k slots are summed. This moves
   k times the activations of the grouping above, but its node count grows with E instead of C(E, k).
 
@@ -39,7 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,15 +49,23 @@ from .moe import BTTMoELinear, route
 
 __all__ = [
     "MAX_EXPERT_SETS",
+    "MIN_SET_WIDTH",
+    "MoEGrouping",
     "ONNX_TRANSLATIONS",
     "attach_moe_weights",
     "detach_moe_weights",
     "expert_sets",
     "export_weights",
+    "grouped_by_set",
     "lowered_moe_forward",
 ]
 
+MoEGrouping = Literal["auto", "set", "expert"]
 MAX_EXPERT_SETS = 32  # C(E, k) up to this: group tokens by expert set (E=8, k=2: 28 groups of 2 experts)
+# "auto" groups by set from this d_in + 2·d_out on: the activation traffic it saves grows with the width and the
+# token count, its extra nodes cost a fixed ~0.6 µs each per run. Measured (ORT CPU, 2 threads): a GPT at
+# d=1024 ran 2048 tokens faster by set; examples/tiny_gpt (d=64) ran 1, 64 and 512 tokens faster by expert.
+MIN_SET_WIDTH = 3072
 _WEIGHTS = "_onnx_lowered_weights"  # attribute listing the buffers a lowered layer reads
 _SETS = "_onnx_lowered_sets"  # attribute holding the expert sets, when grouped by set
 
@@ -76,7 +84,25 @@ def expert_sets(num_experts: int, top_k: int) -> list[tuple[int, ...]] | None:
     return list(itertools.combinations(range(num_experts), top_k))
 
 
-def export_weights(layer: BTTMoELinear) -> tuple[list[Tensor], list[tuple[int, ...]] | None]:
+def grouped_by_set(layer: BTTMoELinear, grouping: MoEGrouping = "auto") -> list[tuple[int, ...]] | None:
+    """The expert sets ``layer`` exports with under ``grouping``, or None when it groups by expert.
+
+    ``"expert"``: always by expert. ``"set"``: by set wherever there are at most :data:`MAX_EXPERT_SETS`.
+    ``"auto"``: as ``"set"`` for layers with ``d_in + 2·d_out >= MIN_SET_WIDTH``, by expert for narrower ones,
+    where the set grouping's extra nodes cost more than the traffic it saves.
+    """
+    if grouping not in ("auto", "set", "expert"):
+        raise ValueError(f"moe_grouping must be 'auto', 'set' or 'expert', got {grouping!r}")
+    if grouping == "expert":
+        return None
+    if grouping == "auto" and layer.in_features + 2 * layer.out_features < MIN_SET_WIDTH:
+        return None
+    return expert_sets(layer.num_experts, layer.top_k)
+
+
+def export_weights(
+    layer: BTTMoELinear, grouping: MoEGrouping = "auto"
+) -> tuple[list[Tensor], list[tuple[int, ...]] | None]:
     """The weights the lowered forward reads (detached, contiguous) and the expert sets (None: by expert).
 
     By expert set: per set, the stage-1 cores stacked along φ, ``(γ, kφ, α)``, then per set the stage-2 cores
@@ -86,7 +112,7 @@ def export_weights(layer: BTTMoELinear) -> tuple[list[Tensor], list[tuple[int, .
     _, _, g, _, e, f, _ = layer.spec.sizes
     a_cores = layer.A.detach().unbind(0)  # A_i (γ, φ, α)
     b_cores = layer.B.detach().transpose(-1, -2).unbind(0)  # B_iᵀ (φ, γ, ε)
-    sets = expert_sets(layer.num_experts, layer.top_k)
+    sets = grouped_by_set(layer, grouping)
     if sets is None:
         weights = [*a_cores, *b_cores]
     else:
@@ -96,10 +122,10 @@ def export_weights(layer: BTTMoELinear) -> tuple[list[Tensor], list[tuple[int, .
     return [w.contiguous() for w in weights], sets
 
 
-def attach_moe_weights(layer: BTTMoELinear, prefix: str) -> None:
+def attach_moe_weights(layer: BTTMoELinear, prefix: str, grouping: MoEGrouping = "auto") -> None:
     """Register :func:`export_weights` as non-persistent buffers named ``prefix + "w<i>"`` (the exporter then
     writes them as initializers); :func:`detach_moe_weights` removes them."""
-    weights, sets = export_weights(layer)
+    weights, sets = export_weights(layer, grouping)
     names = []
     for i, w in enumerate(weights):
         name = f"{prefix}w{i}"
@@ -116,14 +142,16 @@ def detach_moe_weights(layer: nn.Module) -> None:
     vars(layer).pop(_SETS, None)
 
 
-def lowered_moe_forward(layer: BTTMoELinear, x: Tensor) -> Tensor:
+def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = "auto") -> Tensor:
     """A BTT-MoE layer's sparse forward for ONNX Runtime (grouped by expert set or by expert, see the module).
 
-    Weights attached by :func:`attach_moe_weights` are used when present, otherwise they are arranged here.
+    Weights attached by :func:`attach_moe_weights` are used when present (with the grouping they were attached
+    for), otherwise they are arranged here for ``grouping``.
 
     Args:
         layer: a :class:`~einrewrite.moe.BTTMoELinear`.
         x: (..., in_features).
+        grouping: ``"auto"``, ``"set"`` or ``"expert"`` (:func:`grouped_by_set`).
 
     Returns:
         (..., out_features), equal to ``layer(x)`` up to fp32 rounding.
@@ -137,7 +165,7 @@ def lowered_moe_forward(layer: BTTMoELinear, x: Tensor) -> Tensor:
     if hasattr(layer, _WEIGHTS):
         weights, sets = [getattr(layer, n) for n in getattr(layer, _WEIGHTS)], getattr(layer, _SETS)
     else:
-        weights, sets = export_weights(layer)
+        weights, sets = export_weights(layer, grouping)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)  # (N, d_in)
     if x2.dtype != weights[0].dtype:

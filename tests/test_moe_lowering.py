@@ -12,19 +12,13 @@ import torch
 from torch import Tensor, nn
 
 import einrewrite as er
-from einrewrite import moe_lowering
+from einrewrite.errors import ExportError
 from einrewrite.moe import BTTMoELinear
-from einrewrite.moe_lowering import expert_sets, lowered_moe_forward
+from einrewrite.moe_lowering import MIN_SET_WIDTH, expert_sets, grouped_by_set, lowered_moe_forward
 
 from models import moe_layer  # type: ignore[import-not-found]
 
 GROUPINGS = ["set", "expert"]
-
-
-def _group_by(grouping: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the export group tokens by expert set (the default for few sets) or by expert."""
-    if grouping == "expert":
-        monkeypatch.setattr(moe_lowering, "MAX_EXPERT_SETS", 0)
 
 
 def _groups(layer: BTTMoELinear, grouping: str) -> int:
@@ -38,6 +32,16 @@ def test_expert_sets_are_the_k_subsets_up_to_the_limit() -> None:
     assert expert_sets(8, 3) is None and expert_sets(16, 2) is None  # 56 and 120 sets: grouped by expert
 
 
+def test_auto_groups_by_set_only_wide_layers_and_bad_groupings_raise(tmp_path: Path) -> None:
+    narrow, wide = BTTMoELinear(64, 96, num_experts=8), BTTMoELinear(512, 1536, num_experts=8)
+    assert narrow.in_features + 2 * narrow.out_features < MIN_SET_WIDTH <= wide.in_features + 2 * wide.out_features
+    assert grouped_by_set(narrow) is None and grouped_by_set(narrow, "expert") is None
+    assert len(grouped_by_set(narrow, "set") or []) == 28 and len(grouped_by_set(wide) or []) == 28
+    assert grouped_by_set(BTTMoELinear(512, 1536, num_experts=8, top_k=3), "set") is None  # 56 sets: by expert
+    with pytest.raises(ExportError, match="moe_grouping must be 'auto', 'set' or 'expert', got 'sets'"):
+        er.export_onnx(narrow, (torch.randn(4, 64),), tmp_path / "m.onnx", moe_grouping="sets")  # type: ignore[arg-type]
+
+
 # (d_in, d_out, experts, k): padded input and cropped output (97), 3 experts, k = 1, k = 3, all experts picked
 _LAYERS = [(97, 97, 4, 2), (40, 24, 3, 2), (64, 96, 8, 1), (64, 64, 4, 3), (32, 48, 4, 4)]
 
@@ -45,14 +49,13 @@ _LAYERS = [(97, 97, 4, 2), (40, 24, 3, 2), (64, 96, 8, 1), (64, 64, 4, 3), (32, 
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize(("d_in", "d_out", "experts", "k"), _LAYERS)
 def test_lowered_forward_equals_the_layer_and_leaves_it_untouched(
-    grouping: str, d_in: int, d_out: int, experts: int, k: int, monkeypatch: pytest.MonkeyPatch
+    grouping: str, d_in: int, d_out: int, experts: int, k: int
 ) -> None:
-    _group_by(grouping, monkeypatch)
     layer = moe_layer(d_in, d_out, experts=experts, k=k)
     state = {n: t.clone() for n, t in layer.state_dict().items()}
     x = torch.randn(3, 50, d_in)
     with torch.no_grad():
-        torch.testing.assert_close(lowered_moe_forward(layer, x), layer(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lowered_moe_forward(layer, x, grouping), layer(x), rtol=1e-5, atol=1e-5)
     assert layer.state_dict().keys() == state.keys() and not dict(layer.named_buffers())
     assert all(torch.equal(layer.state_dict()[n], t) for n, t in state.items())
 
@@ -93,13 +96,10 @@ def _run_ort(path: Path, x: Tensor) -> Tensor:
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_export_onnx_of_the_layer_runs_sparse_routing_in_onnxruntime(
-    grouping: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_export_onnx_of_the_layer_runs_sparse_routing_in_onnxruntime(grouping: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    _group_by(grouping, monkeypatch)
     layer = moe_layer(40, 24, experts=4).eval()  # 40 -> 48 padded input, 24 = 4·6 output
-    report = er.export_onnx(layer, (torch.randn(2, 8, 40),), tmp_path / "moe.onnx")
+    report = er.export_onnx(layer, (torch.randn(2, 8, 40),), tmp_path / "moe.onnx", moe_grouping=grouping)
     assert report.checked and report.max_abs_diff is not None and report.max_abs_diff < 1e-4
     assert not report.einsum_nodes
     _check_sparse_graph(tmp_path / "moe.onnx", _groups(layer, grouping))
@@ -112,18 +112,18 @@ def test_export_onnx_of_the_layer_runs_sparse_routing_in_onnxruntime(
 def test_export_onnx_of_a_model_with_moe_layers(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), moe_layer(64, 32, seed=2, experts=3), nn.LayerNorm(32)).eval()
-    report = er.export_onnx(model, (torch.randn(4, 32),), tmp_path / "model.onnx")
+    report = er.export_onnx(model, (torch.randn(4, 32),), tmp_path / "model.onnx")  # narrow: by expert
     assert report.checked and not report.einsum_nodes
-    _check_sparse_graph(tmp_path / "model.onnx", 3)  # C(3, 2) = 3 expert pairs
+    _check_sparse_graph(tmp_path / "model.onnx", 3)
     x = torch.randn(9, 32)
     with torch.no_grad():
         torch.testing.assert_close(_run_ort(tmp_path / "model.onnx", x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def _check_parity_and_repeats(layer: BTTMoELinear, path: Path) -> None:
+def _check_parity_and_repeats(layer: BTTMoELinear, path: Path, grouping: str) -> None:
     """ORT on 2 threads matches the layer on 1,200 tokens and gives the same bits on 5 more runs."""
     layer.eval()
-    er.export_onnx(layer, (torch.randn(2, 7, layer.in_features),), path)
+    er.export_onnx(layer, (torch.randn(2, 7, layer.in_features),), path, moe_grouping=grouping)
     session = er.export.onnxruntime_session(path, threads=2)
     x = torch.randn(4, 300, layer.in_features)  # big enough for ORT to split kernels over threads
     feeds = {session.get_inputs()[0].name: x.numpy()}
@@ -139,7 +139,7 @@ def test_export_by_expert_set_matches_and_repeats_bitwise(experts: int, k: int, 
     pytest.importorskip("onnxruntime")
     layer = moe_layer(64, 96, experts=experts, k=k, seed=4)
     assert expert_sets(experts, k) is not None
-    _check_parity_and_repeats(layer, tmp_path / "moe.onnx")
+    _check_parity_and_repeats(layer, tmp_path / "moe.onnx", "set")
 
 
 # Grouped by expert, the gates apply on the narrowest of input γα, intermediate γφ and output φε:
@@ -152,26 +152,22 @@ _GATE_CASES = {
 
 
 @pytest.mark.parametrize("where", sorted(_GATE_CASES))
-def test_export_by_expert_matches_and_repeats_bitwise_wherever_the_gates_apply(
-    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_export_by_expert_matches_and_repeats_bitwise_wherever_the_gates_apply(where: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    _group_by("expert", monkeypatch)
     d_in, d_out, in_split, out_split, k = _GATE_CASES[where]
     layer = moe_layer(d_in, d_out, k=k, seed=3, in_split=in_split, out_split=out_split)
     a, _, g, _, e, f, _ = layer.spec.sizes
     widths = {"input": g * a, "middle": g * f, "output": f * e}
     assert min(widths, key=widths.__getitem__) == where, widths  # the case really gates there
-    _check_parity_and_repeats(layer, tmp_path / "moe.onnx")
+    _check_parity_and_repeats(layer, tmp_path / "moe.onnx", "expert")
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_export_onnx_in_float16_runs_on_the_cpu_provider(
-    grouping: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_export_onnx_in_float16_runs_on_the_cpu_provider(grouping: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    _group_by(grouping, monkeypatch)
     layer = moe_layer(64, 96, experts=4).eval()
-    report = er.export_onnx(layer, (torch.randn(2, 8, 64),), tmp_path / "half.onnx", dtype="float16")
+    report = er.export_onnx(
+        layer, (torch.randn(2, 8, 64),), tmp_path / "half.onnx", dtype="float16", moe_grouping=grouping
+    )
     assert report.checked and report.dtype == "float16"
     assert report.max_abs_diff is not None and 0 < report.max_abs_diff < 2e-2  # fp16 rounding, not fp32 equality

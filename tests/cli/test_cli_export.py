@@ -48,6 +48,24 @@ def test_export_writes_a_checked_onnx_file_and_refuses_to_overwrite(rewritten: P
     assert "model.onnx: exists" in out + err and "--force" in out + err
 
 
+def test_export_moe_grouping_picks_the_token_groups(tmp_path: Path) -> None:
+    out = tmp_path / "moe"
+    code, output, err = run("rewrite", FACTORY, "--structure", "btt_moe", "--budget", "0.5", "-o", str(out))
+    assert code == 0, output + err
+    nonzeros = {}
+    for grouping in ("auto", "set", "expert"):
+        target = tmp_path / f"{grouping}.onnx"
+        code, output, err = run("export", str(out), "-o", str(target), "--moe-grouping", grouping, "--json")
+        assert code == 0, output + err
+        assert json.loads(output)["checked"] is True
+        proto = onnx.load(str(target), load_external_data=False)
+        nonzeros[grouping] = sum(n.op_type == "NonZero" for n in proto.graph.node)
+    layers = 8  # 2 blocks x 4 linear layers, each E=8, k=2: 8 groups by expert, C(8, 2) = 28 by expert pair
+    assert nonzeros == {"auto": 8 * layers, "set": 28 * layers, "expert": 8 * layers}  # d=64 is narrow: auto = expert
+    code, output, err = run("export", str(out), "-o", str(tmp_path / "x.onnx"), "--moe-grouping", "pairs")
+    assert code == 2 and "pairs" in output + err
+
+
 def test_export_errors_are_one_line_with_exit_codes(rewritten: Path, tmp_path: Path) -> None:
     code, out, err = run("export", str(tmp_path / "missing"), "-o", str(tmp_path / "m.onnx"))
     assert code == 2 and "does not exist" in out + err
