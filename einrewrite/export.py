@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
 from .lowering import onnx_lowering
-from .moe_lowering import ONNX_TRANSLATIONS, MoEGrouping
+from .moe_lowering import ONNX_TRANSLATIONS, MoEGrouping, check_grouping
 
 __all__ = ["ExportReport", "export_onnx", "export_saved", "onnxruntime_session", "resolve_providers"]
 
@@ -171,8 +171,7 @@ def export_onnx(
 
     if dtype not in _TOLERANCES:
         raise ExportError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-    if moe_grouping not in ("auto", "set", "expert"):
-        raise ExportError(f"moe_grouping must be 'auto', 'set' or 'expert', got {moe_grouping!r}")
+    check_grouping(moe_grouping)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)

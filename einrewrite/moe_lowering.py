@@ -5,13 +5,15 @@ by ``NonZero`` and ``Gather``; what separates a fast export from a slow one is t
 them (ecosystem-notes §4), which on a 2-core CPU runs at memory bandwidth. Two groupings are exported:
 
 * **By expert set** (:func:`expert_sets`, when there are at most :data:`MAX_EXPERT_SETS` of them, e.g. the
-  28 pairs of E=8, k=2, and by default only for layers wide enough to gain, :func:`grouped_by_set`): tokens are grouped by the *set* of experts they picked. Each group runs its k experts
-  as one MatMul pair, with the k experts' stage-1 cores stacked along φ and their stage-2 cores stacked along
-  the contracted γ, so the second MatMul already sums the k gated expert outputs. Every token is in exactly one
-  group: its input is gathered once and its output written once, with no k-sum.
-* **By expert** (more sets than that, narrow layers, or ``moe_grouping="expert"``): each expert gathers the (token, slot) pairs routed to it, the results
-  concatenate and one Gather puts them back in (token, slot) order before the k slots are summed. This moves
-  k times the activations of the grouping above, but its node count grows with E instead of C(E, k).
+  28 pairs of E=8, k=2; by default only on layers wide enough to gain, :func:`grouped_by_set`): tokens are
+  grouped by the *set* of experts they picked. Each group runs its k experts as one MatMul pair, with the k
+  experts' stage-1 cores stacked along φ and their stage-2 cores stacked along the contracted γ, so the second
+  MatMul already sums the k gated expert outputs. Every token is in exactly one group: its input is gathered
+  once and its output written once, with no k-sum.
+* **By expert** (more sets than that, narrow layers, or ``moe_grouping="expert"``): each expert gathers the
+  (token, slot) pairs routed to it, the results concatenate and one Gather puts them back in (token, slot)
+  order before the k slots are summed. This moves k times the activations of the grouping above, but its node
+  count grows with E instead of C(E, k).
 
 In both, the second MatMul puts the tokens in the middle, ``(φ, m, ε)``: outputs concatenate along the token
 axis, one ``Gather`` on axis 1 moves whole ε rows back to token order (the inverse permutation is built by a
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ExportError
 from .moe import BTTMoELinear, route
 
 __all__ = [
@@ -53,6 +56,7 @@ __all__ = [
     "MoEGrouping",
     "ONNX_TRANSLATIONS",
     "attach_moe_weights",
+    "check_grouping",
     "detach_moe_weights",
     "expert_sets",
     "export_weights",
@@ -84,6 +88,15 @@ def expert_sets(num_experts: int, top_k: int) -> list[tuple[int, ...]] | None:
     return list(itertools.combinations(range(num_experts), top_k))
 
 
+def check_grouping(grouping: str) -> None:
+    """Raise :class:`~einrewrite.errors.ExportError` unless ``grouping`` is a :data:`MoEGrouping`."""
+    if grouping not in ("auto", "set", "expert"):
+        raise ExportError(
+            f"moe_grouping must be 'auto', 'set' or 'expert', got {grouping!r}: 'set' groups BTT-MoE tokens by "
+            "expert set (wide layers, many tokens), 'expert' by expert (narrow layers, decoding)"
+        )
+
+
 def grouped_by_set(layer: BTTMoELinear, grouping: MoEGrouping = "auto") -> list[tuple[int, ...]] | None:
     """The expert sets ``layer`` exports with under ``grouping``, or None when it groups by expert.
 
@@ -91,8 +104,7 @@ def grouped_by_set(layer: BTTMoELinear, grouping: MoEGrouping = "auto") -> list[
     ``"auto"``: as ``"set"`` for layers with ``d_in + 2·d_out >= MIN_SET_WIDTH``, by expert for narrower ones,
     where the set grouping's extra nodes cost more than the traffic it saves.
     """
-    if grouping not in ("auto", "set", "expert"):
-        raise ValueError(f"moe_grouping must be 'auto', 'set' or 'expert', got {grouping!r}")
+    check_grouping(grouping)
     if grouping == "expert":
         return None
     if grouping == "auto" and layer.in_features + 2 * layer.out_features < MIN_SET_WIDTH:

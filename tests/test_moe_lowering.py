@@ -38,8 +38,11 @@ def test_auto_groups_by_set_only_wide_layers_and_bad_groupings_raise(tmp_path: P
     assert grouped_by_set(narrow) is None and grouped_by_set(narrow, "expert") is None
     assert len(grouped_by_set(narrow, "set") or []) == 28 and len(grouped_by_set(wide) or []) == 28
     assert grouped_by_set(BTTMoELinear(512, 1536, num_experts=8, top_k=3), "set") is None  # 56 sets: by expert
+    bad = {"moe_grouping": "sets"}
     with pytest.raises(ExportError, match="moe_grouping must be 'auto', 'set' or 'expert', got 'sets'"):
-        er.export_onnx(narrow, (torch.randn(4, 64),), tmp_path / "m.onnx", moe_grouping="sets")  # type: ignore[arg-type]
+        er.export_onnx(narrow, (torch.randn(4, 64),), tmp_path / "m.onnx", **bad)  # type: ignore[arg-type]
+    with pytest.raises(ExportError, match="got 'pairs'"):  # the same check when the layer is lowered directly
+        lowered_moe_forward(narrow, torch.randn(4, 64), "pairs")  # type: ignore[arg-type]
 
 
 # (d_in, d_out, experts, k): padded input and cropped output (97), 3 experts, k = 1, k = 3, all experts picked
