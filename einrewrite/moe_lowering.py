@@ -212,16 +212,16 @@ def _moe_by_expert_set(
     n = x.shape[0]
     x3 = x.reshape(n, g, a)  # (N, γ, α)
     outs, groups = [], []
-    sets = len(members) // k
-    for s in range(sets):
-        ids = members[s * k : (s + 1) * k]
-        tokens = torch.nonzero(code == sum(1 << i for i in ids)).reshape(-1)  # (m,) tokens of this set
+    sets = _set_codes(members, k)
+    for s, (ids, bits) in enumerate(sets):
+        tokens = torch.nonzero(code == bits).reshape(-1)  # (m,) tokens of this set
         m = tokens.shape[0]
         gate = table.index_select(0, tokens)[:, ids]  # (m, k) in member order
         xe = x3.index_select(0, tokens).permute(1, 2, 0)  # (m, γ, α) -> (γ, α, m)
         z = torch.matmul(weights[s], xe)  # (γ, kφ, α)@(γ, α, m) -> (γ, kφ, m)
         z = z.reshape(g, k, f, m) * gate.t().reshape(k, 1, m)  # (γ, k, φ, m): each expert's gate
-        outs.append(torch.matmul(z.reshape(g * k, f, m).permute(1, 2, 0), weights[sets + s]))  # (φ, m, ε), k summed
+        y = torch.matmul(z.reshape(g * k, f, m).permute(1, 2, 0), weights[len(sets) + s])  # (φ, m, γk)@(φ, γk, ε)
+        outs.append(y)  # (φ, m, ε): the k experts already summed
         groups.append(tokens)
     ys = torch.cat(outs, dim=1)  # (φ, N, ε) grouped by set
     ys = ys.index_select(1, _inverse(torch.cat(groups)))  # (φ, N, ε) in token order
@@ -267,6 +267,12 @@ def _(x: Tensor, index: Tensor, gates: Tensor, weights: list[Tensor], sizes: lis
     return x.new_empty(x.shape[0], sizes[2] * sizes[3])  # (N, φε)
 
 
+def _set_codes(members: Sequence[int], k: int) -> list[tuple[list[int], int]]:
+    """Each set's expert ids (from the flattened ``members``) and its bit mask, the value of its tokens' code."""
+    sets = [list(members[s : s + k]) for s in range(0, len(members), k)]
+    return [(ids, sum(1 << i for i in ids)) for ids in sets]
+
+
 def _inverse(order: Tensor) -> Tensor:
     """The inverse of the permutation ``order`` (a scatter whose indices are unique)."""
     positions = torch.arange(order.shape[0], device=order.device)
@@ -305,18 +311,17 @@ def _onnx_by_expert_set(
     flat, split, merged = _ints(-1), _ints(g, k, f, -1), _ints(g * k, f, -1)  # shared by every set
     x3 = op.Reshape(x, _ints(-1, g, a))  # (N, γ, α)
     by_expert = op.Reshape(op.Transpose(table, perm=[1, 0]), _ints(r, 1, -1))  # (E, 1, N) gate per expert
-    sets = len(members) // k
+    sets = _set_codes(members, k)
     outs, groups = [], []
-    for s in range(sets):
-        ids = list(members[s * k : (s + 1) * k])
-        mask = op.Equal(code, op.Constant(value_int=sum(1 << i for i in ids)))  # (N,)
+    for s, (ids, bits) in enumerate(sets):
+        mask = op.Equal(code, op.Constant(value_int=bits))  # (N,)
         tokens = op.Reshape(op.NonZero(mask), flat)  # (m,)
         gate = op.Gather(op.Gather(by_expert, _ints(*ids), axis=0), tokens, axis=2)  # (k, 1, m)
         xe = op.Transpose(op.Gather(x3, tokens, axis=0), perm=[1, 2, 0])  # (m, γ, α) -> (γ, α, m)
         z = op.MatMul(weights[s], xe)  # (γ, kφ, α)@(γ, α, m) -> (γ, kφ, m)
         z = op.Mul(op.Reshape(z, split), gate)  # (γ, k, φ, m): each expert's gate
         z = op.Transpose(op.Reshape(z, merged), perm=[1, 2, 0])  # (φ, m, γk)
-        outs.append(op.MatMul(z, weights[sets + s]))  # (φ, m, γk)@(φ, γk, ε) -> (φ, m, ε)
+        outs.append(op.MatMul(z, weights[len(sets) + s]))  # (φ, m, γk)@(φ, γk, ε) -> (φ, m, ε)
         groups.append(tokens)
     ys = op.Gather(op.Concat(*outs, axis=1), _onnx_inverse(op.Concat(*groups, axis=0)), axis=1)  # (φ, N, ε)
     return op.Reshape(op.Transpose(ys, perm=[1, 0, 2]), _ints(-1, f * e))  # (N, φε)
