@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from einrewrite import STRUCTURES, EinsumLinear, EinsumSpec, ExportError, export_onnx, structure
+from einrewrite import export as export_module
 from einrewrite.export import onnxruntime_session
 
 import models  # type: ignore[import-not-found]  # tests/models.py
@@ -45,6 +46,24 @@ def test_float16_export_runs_in_onnxruntime(tmp_path: Path) -> None:
     assert report.dtype == "float16" and report.checked
     proto = onnx.load(str(tmp_path / "half.onnx"))
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_graph_optimizer_runs_on_small_graphs_and_is_skipped_past_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer = EinsumLinear(structure("btt", 64, 96, rank=2))
+    x = (torch.randn(4, 64),)
+    small = export_onnx(layer, x, tmp_path / "small.onnx")
+    assert small.optimized and "optimized" in small.summary() and "not optimized" not in small.summary()
+    monkeypatch.setattr(export_module, "OPTIMIZE_MAX_NODES", 1)  # every graph is "large" now
+    large = export_onnx(layer, x, tmp_path / "large.onnx")
+    assert not large.optimized and "not optimized" in large.summary()
+    assert large.checked and large.max_abs_diff is not None and large.max_abs_diff < 1e-4  # still faithful
+    assert sum(large.op_counts.values()) > sum(small.op_counts.values())  # nothing folded
+    forced = export_onnx(layer, x, tmp_path / "forced.onnx", optimize=True)
+    assert forced.optimized and forced.op_counts == small.op_counts
+    monkeypatch.undo()
+    assert not export_onnx(layer, x, tmp_path / "off.onnx", optimize=False, check=False).optimized
 
 
 def test_model_is_not_modified(tmp_path: Path) -> None:

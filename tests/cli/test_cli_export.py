@@ -48,6 +48,17 @@ def test_export_writes_a_checked_onnx_file_and_refuses_to_overwrite(rewritten: P
     assert "model.onnx: exists" in out + err and "--force" in out + err
 
 
+def test_export_no_optimize_skips_the_graph_optimizer(rewritten: Path, tmp_path: Path) -> None:
+    optimized = {}
+    for flag in ("--optimize", "--no-optimize"):
+        code, out, err = run("export", str(rewritten), "-o", str(tmp_path / f"{flag}.onnx"), flag, "--json")
+        assert code == 0, out + err
+        report = json.loads(out)
+        assert report["checked"] is True
+        optimized[flag] = report["optimized"]
+    assert optimized == {"--optimize": True, "--no-optimize": False}
+
+
 def test_export_moe_grouping_picks_the_token_groups(tmp_path: Path) -> None:
     out = tmp_path / "moe"
     code, output, err = run("rewrite", FACTORY, "--structure", "btt_moe", "--budget", "0.5", "-o", str(out))
