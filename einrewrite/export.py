@@ -245,6 +245,7 @@ def export_saved(
     overwrite: bool = False,
     moe_grouping: MoEGrouping = "auto",
     optimize: bool | None = None,
+    atol: float | None = None,
 ) -> ExportReport:
     """:func:`export_onnx` of the model saved in an einrewrite output directory (``einrewrite export``).
 
@@ -260,6 +261,7 @@ def export_saved(
         overwrite: replace an existing ``path`` (and its ``.data`` file).
         moe_grouping: how BTT-MoE layers group tokens (see :func:`export_onnx`).
         optimize: run the exporter's graph optimizer (see :func:`export_onnx`; default: on small graphs).
+        atol: override the parity tolerance (default 1e-4 for float32, 2e-2 for float16).
 
     Raises:
         ExportError: ``path`` exists and ``overwrite`` is False, a provider is missing, no example inputs, or the
@@ -290,7 +292,7 @@ def export_saved(
             stale.unlink()
     args, kwargs = inputs
     return export_onnx(model, tuple(args), path, example_kwargs=dict(kwargs), dtype=dtype, check=check,
-                       providers=providers, moe_grouping=moe_grouping, optimize=optimize)
+                       providers=providers, moe_grouping=moe_grouping, optimize=optimize, atol=atol)
 
 
 def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
@@ -443,12 +445,35 @@ def _check_with_onnxruntime(
         worst = max(worst, float(diff.max()) if diff.size else 0.0)
         assert report.atol is not None and report.rtol is not None
         if diff.size and not np.all(diff <= report.atol + report.rtol * np.abs(e)):
+            own = _float64_deviation(model, args, kwargs, i, e) if report.dtype == "float32" else None
+            if own is not None and own > report.atol / 10:
+                verdict = (
+                    f"PyTorch's own float32 output differs from float64 by {own:.3g}, so the model is sensitive to "
+                    "rounding (e.g. large router logits) and the gap may be only that: if it is expected, pass a "
+                    "larger atol (CLI: --atol)"
+                )
+            else:
+                verdict = "the export is not faithful"
             raise ExportError(
                 f"ONNX Runtime output {i} of {report.path} differs from PyTorch: max |diff| = {float(diff.max()):.3g} "
-                f"> atol {report.atol:g} + rtol {report.rtol:g}·|expected| ({report.dtype}); the export is not faithful"
+                f"> atol {report.atol:g} + rtol {report.rtol:g}·|expected| ({report.dtype}); {verdict}"
             )
     report.checked = True
     report.max_abs_diff = worst
+
+
+def _float64_deviation(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: int, expected: np.ndarray
+) -> float | None:
+    """Max |float32 - float64| of PyTorch output ``output``: the model's own rounding error (None if it cannot run)."""
+    try:
+        wide = copy.deepcopy(model).double()
+        wide_args, wide_kwargs = _cast_floats((args, kwargs), torch.float64)
+        with torch.no_grad():
+            outs = [t for t in tree_leaves(wide(*wide_args, **wide_kwargs)) if isinstance(t, Tensor)]
+        return float(np.abs(outs[output].detach().cpu().numpy() - expected).max())
+    except Exception:  # a model that cannot run in float64 (custom kernels, device-only ops): no hint
+        return None
 
 
 def _feeds(session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -66,6 +66,18 @@ def test_graph_optimizer_runs_on_small_graphs_and_is_skipped_past_the_limit(
     assert not export_onnx(layer, x, tmp_path / "off.onnx", optimize=False, check=False).optimized
 
 
+def test_parity_failure_says_whether_the_model_itself_is_sensitive_to_rounding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, x = models.tiny_gpt()  # ORT's LayerNorm, GELU and softmax round differently from PyTorch's
+    # atol 0: any rounding difference fails; the model's own float32 vs float64 gap is > 0, so this is the hint
+    with pytest.raises(ExportError, match=r"differs from float64 by .* larger atol \(CLI: --atol\)"):
+        export_onnx(model, x, tmp_path / "tight.onnx", atol=0.0, rtol=0.0)
+    monkeypatch.setattr(export_module, "_float64_deviation", lambda *a: 0.0)  # as if exact in float32
+    with pytest.raises(ExportError, match="the export is not faithful"):
+        export_onnx(model, x, tmp_path / "tight.onnx", atol=0.0, rtol=0.0)
+
+
 def test_model_is_not_modified(tmp_path: Path) -> None:
     model = nn.Sequential(EinsumLinear(structure("monarch", 32, 32)), nn.ReLU())
     before = {k: v.clone() for k, v in model.state_dict().items()}
