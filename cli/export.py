@@ -46,8 +46,8 @@ def _parse_tokens(ctx: click.Context, param: click.Parameter, value: str) -> tup
               help="BTT-MoE token groups: by expert set (wide layers, many tokens) or by expert (narrow layers, "
                    "decoding); auto picks per layer by width.")
 @click.option("--optimize/--no-optimize", default=None,
-              help=f"Run the exporter's ONNX graph optimizer [default: only on graphs of at most {OPTIMIZE_MAX_NODES} "
-                   "nodes; it is slow on larger ones, and ONNX Runtime optimizes the graph again when it loads it].")
+              help="Run the exporter's full ONNX graph optimizer, or none of it [default: full on graphs of at "
+                   f"most {OPTIMIZE_MAX_NODES} nodes, only constant folding on larger ones, where it is slow].")
 @click.option("--atol", type=click.FloatRange(min=0), default=None,
               help="Absolute tolerance of the parity check [default: 1e-4 for float32, 2e-2 for float16].")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")

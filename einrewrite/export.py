@@ -41,8 +41,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# export_onnx(optimize=None) runs onnxscript's optimizer up to this many nodes. Its multi-output rewrite rule
-# (SlicesSplit) walks the whole graph for every node: ~0.7 µs·nodes² per pass here, 45 s at 8110 nodes.
+# export_onnx(optimize=None) runs onnxscript's full optimizer up to this many nodes, and only its constant folding
+# on larger graphs. Its multi-output rewrite rule (SlicesSplit) walks the whole graph for every node:
+# ~0.7 µs·nodes² per pass here, 45 s at 8110 nodes.
 OPTIMIZE_MAX_NODES = 3000
 _TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (2e-2, 2e-2)}  # (atol, rtol) of the parity check
 _STRUCTURED_CLASSES = ("EinsumLinear", "BTTMoELinear")
@@ -61,7 +62,7 @@ class ExportReport:
     providers_used: list[str] = field(default_factory=list)
     placement: dict[str, int] = field(default_factory=dict)  # execution provider -> number of nodes
     fallback_nodes: list[str] = field(default_factory=list)  # nodes an accelerator EP left to the CPU
-    optimized: bool = False  # whether onnxscript's graph optimizer ran (see export_onnx's ``optimize``)
+    optimization: str = "none"  # onnxscript's graph passes that ran: "full", "fold" or "none" (export_onnx)
     checked: bool = False
     max_abs_diff: float | None = None
     atol: float | None = None
@@ -74,7 +75,7 @@ class ExportReport:
     def summary(self) -> str:
         """A few human-readable lines."""
         ops = ", ".join(f"{k}×{v}" for k, v in sorted(self.op_counts.items(), key=lambda kv: -kv[1]))
-        graph = "optimized" if self.optimized else "not optimized"
+        graph = {"full": "optimized", "fold": "constants folded"}.get(self.optimization, "not optimized")
         lines = [
             f"ONNX {self.path} ({self.dtype}, opset {self.opset}, {graph}): {sum(self.op_counts.values())} nodes: {ops}"
         ]
@@ -169,10 +170,12 @@ def export_onnx(
             experts a token picked (one MatMul pair per set; less activation traffic, more nodes: faster on
             wide layers and many tokens), ``"expert"`` by expert (fewer nodes: faster for narrow layers and
             decoding), ``"auto"`` (default) by set for layers with ``d_in + 2·d_out >= 3072``.
-        optimize: run onnxscript's graph optimizer (constant folding, rewrite rules, CSE) on the exported graph.
-            ``None`` (default): only on graphs of at most :data:`OPTIMIZE_MAX_NODES` nodes. One of its rewrite
-            rules costs time quadratic in the node count (a d=1024 GPT with BTT-MoE layers: 8110 nodes, 105 of
-            its 146 s of export), and ONNX Runtime folds and fuses the graph again when it loads it anyway.
+        optimize: ``True``: run onnxscript's full graph optimizer (constant folding, rewrite rules, CSE) on the
+            exported graph; ``False``: none of it. ``None`` (default): the full optimizer on graphs of at most
+            :data:`OPTIMIZE_MAX_NODES` nodes, only its constant folding on larger ones. One of its rewrite rules
+            costs time quadratic in the node count (a d=1024 GPT with BTT-MoE layers, 8110 nodes: 146 s of
+            export with it, 31 s without); the folding is what ONNX Runtime needs (it turns the exporter's
+            ``SplitToSequence`` into ``Split`` so ORT fuses attention), and ORT fuses the rest itself on load.
 
     Returns:
         An :class:`ExportReport`; ``report.summary()`` prints it.
@@ -205,7 +208,7 @@ def export_onnx(
     dynamic = _dynamic_shapes(work, args, kwargs) if dynamic_axes else None
     with onnx_lowering(work, moe_grouping):  # structured layers trace as MatMul chains with pre-arranged weights
         program = _run_exporter(work, args, kwargs, dynamic, opset)
-    optimized = _maybe_optimize(program, optimize)
+    optimization = _optimize_graph(program, optimize)
     program.save(str(path))
     try:
         onnx.checker.check_model(str(path))
@@ -218,7 +221,7 @@ def export_onnx(
         opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0),
         op_counts=dict(Counter(n.op_type for n in _all_nodes(proto))),
         einsum_nodes=[_node_label(n) for n in _all_nodes(proto) if n.op_type == "Einsum"],
-        optimized=optimized,
+        optimization=optimization,
     )
     structured_einsums = [n for n in report.einsum_nodes if any(c in n for c in _STRUCTURED_CLASSES)]
     if structured_einsums:
@@ -260,7 +263,7 @@ def export_saved(
         check: run the parity check in ONNX Runtime.
         overwrite: replace an existing ``path`` (and its ``.data`` file).
         moe_grouping: how BTT-MoE layers group tokens (see :func:`export_onnx`).
-        optimize: run the exporter's graph optimizer (see :func:`export_onnx`; default: on small graphs).
+        optimize: the exporter's graph optimizer (see :func:`export_onnx`; default: full on small graphs).
         atol: override the parity tolerance (default 1e-4 for float32, 2e-2 for float16).
 
     Raises:
@@ -342,7 +345,7 @@ def _run_exporter(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
                 opset_version=opset,
                 verbose=False,
                 custom_translation_table=ONNX_TRANSLATIONS,
-                optimize=False,  # _maybe_optimize decides
+                optimize=False,  # _optimize_graph decides
             )
         except Exception as e:  # the ONNX translation raises many types; name the op and its module
             text = _ANSI.sub("", f"{e}")
@@ -361,18 +364,23 @@ def _run_exporter(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _maybe_optimize(program: Any, optimize: bool | None) -> bool:
-    """Run the exporter's graph optimizer on ``program`` when asked, or by default on graphs it handles quickly."""
+def _optimize_graph(program: Any, optimize: bool | None) -> str:
+    """Run onnxscript's graph passes on ``program`` as ``optimize`` asks: ``"full"``, ``"fold"`` or ``"none"``."""
+    import onnxscript.optimizer
+
     model = program.model
     nodes = sum(1 for _ in model.graph) + sum(len(f) for f in model.functions.values())
-    if optimize is None:
-        optimize = nodes <= OPTIMIZE_MAX_NODES
-        if not optimize:
-            log.info("%d nodes: the ONNX graph optimizer is skipped (optimize=True runs it)", nodes)
-    if optimize:
-        with warnings_silenced():
+    if optimize is False:
+        return "none"
+    with warnings_silenced():
+        if optimize or nodes <= OPTIMIZE_MAX_NODES:
             program.optimize()
-    return optimize
+            return "full"
+        log.info("%d nodes: only constant folding (optimize=True runs the full, slow optimizer)", nodes)
+        onnxscript.optimizer.inline(model)
+        onnxscript.optimizer.fold_constants(model)
+        onnxscript.optimizer.remove_unused_nodes(model)
+    return "fold"
 
 
 def _first_line(error: BaseException) -> str:

@@ -48,22 +48,25 @@ def test_float16_export_runs_in_onnxruntime(tmp_path: Path) -> None:
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
-def test_graph_optimizer_runs_on_small_graphs_and_is_skipped_past_the_limit(
+def test_graph_optimizer_runs_in_full_on_small_graphs_and_only_folds_past_the_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    layer = EinsumLinear(structure("btt", 64, 96, rank=2))
-    x = (torch.randn(4, 64),)
-    small = export_onnx(layer, x, tmp_path / "small.onnx")
-    assert small.optimized and "optimized" in small.summary() and "not optimized" not in small.summary()
+    model, x = models.tiny_gpt()
+    small = export_onnx(model, x, tmp_path / "small.onnx")
+    assert small.optimization == "full" and "optimized" in small.summary()
     monkeypatch.setattr(export_module, "OPTIMIZE_MAX_NODES", 1)  # every graph is "large" now
-    large = export_onnx(layer, x, tmp_path / "large.onnx")
-    assert not large.optimized and "not optimized" in large.summary()
+    large = export_onnx(model, x, tmp_path / "large.onnx")
+    assert large.optimization == "fold" and "constants folded" in large.summary()
     assert large.checked and large.max_abs_diff is not None and large.max_abs_diff < 1e-4  # still faithful
-    assert sum(large.op_counts.values()) > sum(small.op_counts.values())  # nothing folded
-    forced = export_onnx(layer, x, tmp_path / "forced.onnx", optimize=True)
-    assert forced.optimized and forced.op_counts == small.op_counts
+    # folded: the exporter's SplitToSequence (attention's q, k, v split) became a Split, as the full optimizer does
+    assert "SplitToSequence" not in large.op_counts and large.op_counts["Split"] == small.op_counts["Split"]
+    forced = export_onnx(model, x, tmp_path / "forced.onnx", optimize=True)
+    assert forced.optimization == "full" and forced.op_counts == small.op_counts
     monkeypatch.undo()
-    assert not export_onnx(layer, x, tmp_path / "off.onnx", optimize=False, check=False).optimized
+    off = export_onnx(model, x, tmp_path / "off.onnx", optimize=False)
+    assert off.optimization == "none" and "not optimized" in off.summary() and off.checked
+    assert "SplitToSequence" in off.op_counts  # what folding removes
+    assert sum(off.op_counts.values()) > sum(large.op_counts.values()) > sum(small.op_counts.values())
 
 
 def test_parity_failure_says_whether_the_model_itself_is_sensitive_to_rounding(
