@@ -43,7 +43,14 @@ from torch import Tensor, nn
 
 from .layers import EinsumLinear
 from .moe import BTTMoELinear
-from .moe_lowering import MoEGrouping, attach_moe_weights, detach_moe_weights, lowered_moe_forward
+from .moe_lowering import (
+    MoEGrouping,
+    attach_moe_weights,
+    attach_weights,
+    attached_weights,
+    detach_weights,
+    lowered_moe_forward,
+)
 from .spec import EinsumSpec
 
 __all__ = ["LoweringPlan", "StagePlan", "lowered_forward", "lowering_plan", "onnx_lowering"]
@@ -262,8 +269,7 @@ def lowered_forward(layer: EinsumLinear, x: Tensor) -> Tensor:
     if layer.spec.is_dense:
         return F.linear(x, layer.weight, layer.bias)  # (..., d_out): MatMul/Gemm
     plan = lowering_plan(layer.spec)
-    weights = getattr(layer, "_onnx_lowered_weights", None)
-    weights = [getattr(layer, n) for n in weights] if weights else arranged_weights(layer, plan)
+    weights = attached_weights(layer) or arranged_weights(layer, plan)
     z = x.reshape(-1, layer.in_features)  # (N, d_in)
     if plan.pad_in:
         z = F.pad(z, (0, plan.pad_in))  # (N, γβα): padded features are zeros
@@ -324,12 +330,7 @@ def onnx_lowering(model: nn.Module, moe_grouping: MoEGrouping = "auto") -> Itera
     try:
         for module in model.modules():
             if isinstance(module, EinsumLinear) and not module.spec.is_dense and "forward" not in vars(module):
-                names = []
-                for i, w in enumerate(arranged_weights(module)):
-                    name = f"{_BUFFER_PREFIX}w{i}"
-                    module.register_buffer(name, w, persistent=False)
-                    names.append(name)
-                module._onnx_lowered_weights = names  # type: ignore[assignment]
+                attach_weights(module, _BUFFER_PREFIX, arranged_weights(module))
                 module.forward = types.MethodType(_forward_method, module)  # type: ignore[method-assign]
                 patched.append(module)
             elif isinstance(module, BTTMoELinear) and "forward" not in vars(module):
@@ -339,9 +340,5 @@ def onnx_lowering(model: nn.Module, moe_grouping: MoEGrouping = "auto") -> Itera
         yield model
     finally:
         for module in patched:
-            if isinstance(module, BTTMoELinear):
-                detach_moe_weights(module)
-            else:
-                for name in vars(module).pop("_onnx_lowered_weights", []):
-                    delattr(module, name)
+            detach_weights(module)
             vars(module).pop("forward", None)

@@ -56,8 +56,10 @@ __all__ = [
     "MoEGrouping",
     "ONNX_TRANSLATIONS",
     "attach_moe_weights",
+    "attach_weights",
+    "attached_weights",
     "check_grouping",
-    "detach_moe_weights",
+    "detach_weights",
     "expert_sets",
     "export_weights",
     "grouped_by_set",
@@ -134,24 +136,36 @@ def export_weights(
     return [w.contiguous() for w in weights], sets
 
 
-def attach_moe_weights(layer: BTTMoELinear, prefix: str, grouping: MoEGrouping = "auto") -> None:
-    """Register :func:`export_weights` as non-persistent buffers named ``prefix + "w<i>"`` (the exporter then
-    writes them as initializers); :func:`detach_moe_weights` removes them."""
-    weights, sets = export_weights(layer, grouping)
+def attach_weights(layer: nn.Module, prefix: str, weights: Sequence[Tensor]) -> None:
+    """Register ``weights`` as non-persistent buffers named ``prefix + "w<i>"`` (the exporter then writes them as
+    initializers), listed for :func:`attached_weights`; :func:`detach_weights` removes them. Serves every lowered
+    layer (:func:`einrewrite.lowering.onnx_lowering`)."""
     names = []
     for i, w in enumerate(weights):
         name = f"{prefix}w{i}"
         layer.register_buffer(name, w, persistent=False)
         names.append(name)
     setattr(layer, _WEIGHTS, names)
-    setattr(layer, _SETS, sets)
 
 
-def detach_moe_weights(layer: nn.Module) -> None:
-    """Undo :func:`attach_moe_weights`."""
+def attached_weights(layer: nn.Module) -> list[Tensor] | None:
+    """The buffers :func:`attach_weights` registered on ``layer``, in order; None when there are none."""
+    names = vars(layer).get(_WEIGHTS)
+    return [getattr(layer, n) for n in names] if names else None
+
+
+def detach_weights(layer: nn.Module) -> None:
+    """Undo :func:`attach_weights` (and :func:`attach_moe_weights`)."""
     for name in vars(layer).pop(_WEIGHTS, []):
         delattr(layer, name)
     vars(layer).pop(_SETS, None)
+
+
+def attach_moe_weights(layer: BTTMoELinear, prefix: str, grouping: MoEGrouping = "auto") -> None:
+    """:func:`attach_weights` of :func:`export_weights`, with the expert sets they were arranged for."""
+    weights, sets = export_weights(layer, grouping)
+    attach_weights(layer, prefix, weights)
+    setattr(layer, _SETS, sets)
 
 
 def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = "auto") -> Tensor:
@@ -174,10 +188,8 @@ def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = 
         >>> torch.allclose(lowered_moe_forward(layer, x), layer(x), atol=1e-5)
         True
     """
-    if hasattr(layer, _WEIGHTS):
-        weights, sets = [getattr(layer, n) for n in getattr(layer, _WEIGHTS)], getattr(layer, _SETS)
-    else:
-        weights, sets = export_weights(layer, grouping)
+    attached = attached_weights(layer)
+    weights, sets = (attached, getattr(layer, _SETS)) if attached else export_weights(layer, grouping)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)  # (N, d_in)
     if x2.dtype != weights[0].dtype:
