@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
+from .external_ops import known_translations
 from .lowering import onnx_lowering
 from .moe_lowering import ONNX_TRANSLATIONS, MoEGrouping, check_grouping
 
@@ -149,6 +150,7 @@ def export_onnx(
     opset: int | None = None,
     moe_grouping: MoEGrouping = "auto",
     optimize: bool | None = None,
+    custom_translation_table: Mapping[Any, Callable[..., Any]] | None = None,
 ) -> ExportReport:
     """Export ``model`` to ONNX with the torch dynamo exporter and check it.
 
@@ -176,6 +178,10 @@ def export_onnx(
             costs time quadratic in the node count (a d=1024 GPT with BTT-MoE layers, 8110 nodes: 146 s of
             export with it, 36 s with folding only); the folding is what ONNX Runtime needs (it turns the exporter's
             ``SplitToSequence`` into ``Split`` so ORT fuses attention), and ORT fuses the rest itself on load.
+        custom_translation_table: ONNX translations (onnxscript functions) for ops the exporter does not know,
+            keyed by ``OpOverload``, as for ``torch.onnx.export``. They add to einrewrite's own and to those of
+            :func:`~einrewrite.external_ops.known_translations` (e.g. transformers' ``grouped_mm_fallback`` of
+            fused MoE experts), and win over them.
 
     Returns:
         An :class:`ExportReport`; ``report.summary()`` prints it.
@@ -207,7 +213,8 @@ def export_onnx(
         args, kwargs = _cast_floats((args, kwargs), torch.float16)
     dynamic = _dynamic_shapes(work, args, kwargs) if dynamic_axes else None
     with onnx_lowering(work, moe_grouping):  # structured layers trace as MatMul chains with pre-arranged weights
-        program = _run_exporter(work, args, kwargs, dynamic, opset)
+        translations = {**ONNX_TRANSLATIONS, **known_translations(), **(custom_translation_table or {})}
+        program = _run_exporter(work, args, kwargs, dynamic, opset, translations)
     optimization = _optimize_graph(program, optimize)
     program.save(str(path))
     try:
@@ -327,7 +334,14 @@ _OP_PATTERNS = (
 )
 
 
-def _run_exporter(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: Any, opset: int | None) -> Any:
+def _run_exporter(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dynamic: Any,
+    opset: int | None,
+    translations: Mapping[Any, Callable[..., Any]],
+) -> Any:
     """torch.export first (to know which module owns a failing op), then the ONNX translation."""
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), warnings_silenced():
@@ -344,7 +358,7 @@ def _run_exporter(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
                 dynamo=True,
                 opset_version=opset,
                 verbose=False,
-                custom_translation_table=ONNX_TRANSLATIONS,
+                custom_translation_table=dict(translations),
                 optimize=False,  # _optimize_graph decides
             )
         except Exception as e:  # the ONNX translation raises many types; name the op and its module
@@ -357,7 +371,7 @@ def _run_exporter(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
             raise ExportError(
                 f"ONNX export of {type(model).__name__} failed{where}: {_first_line(e)}. Export the model before "
                 "rewriting to see whether the failure is in the original model, exclude the layer that uses the "
-                "op, or register a translation for it (torch.onnx custom_translation_table)"
+                "op, or pass an onnxscript translation for it: export_onnx(..., custom_translation_table={op: fn})"
             ) from e
 
 

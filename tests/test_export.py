@@ -91,8 +91,22 @@ def test_model_is_not_modified(tmp_path: Path) -> None:
 
 def test_exporter_failure_is_an_export_error_naming_the_op_and_layer(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(3, 3), models.Untranslatable())
-    with pytest.raises(ExportError, match=r"failed at op einrewrite_test[.:]+mystery\S* in layer '1'"):
+    with pytest.raises(ExportError, match=r"failed at op einrewrite_test[.:]+mystery\S* in layer '1'.*"
+                       r"custom_translation_table=\{op: fn\}"):
         export_onnx(model, (torch.randn(2, 3),), tmp_path / "bad.onnx")
+
+
+def test_the_callers_translation_exports_an_op_the_exporter_does_not_know(tmp_path: Path) -> None:
+    from onnxscript import opset18 as op
+
+    def mystery(x: object) -> object:  # onnxscript: the op doubles its input
+        return op.Add(x, x)
+
+    model = nn.Sequential(nn.Linear(3, 3), models.Untranslatable())
+    table = {torch.ops.einrewrite_test.mystery.default: mystery}
+    report = export_onnx(model, (torch.randn(2, 3),), tmp_path / "ok.onnx", custom_translation_table=table)
+    assert report.checked and report.max_abs_diff is not None and report.max_abs_diff < 1e-6
+    assert report.op_counts.get("Add", 0) >= 1
 
 
 class _DataDependent(nn.Module):
