@@ -420,12 +420,16 @@ def warnings_silenced() -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        previous = logging.getLogger("torch.onnx").level
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        # onnx_ir warns on every empty attribute list an ATen translation writes (Mixtral's routing has some)
+        loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir")]
+        previous = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
         try:
             yield
         finally:
-            logging.getLogger("torch.onnx").setLevel(previous)
+            for logger, level in zip(loggers, previous, strict=True):
+                logger.setLevel(level)
 
 
 def _all_nodes(proto: Any) -> list[Any]:
