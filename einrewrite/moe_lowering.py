@@ -9,7 +9,10 @@ them (ecosystem-notes §4), which on a 2-core CPU runs at memory bandwidth. Two 
   grouped by the *set* of experts they picked. Each group runs its k experts as one MatMul pair, with the k
   experts' stage-1 cores stacked along φ and their stage-2 cores stacked along the contracted γ, so the second
   MatMul already sums the k gated expert outputs. Every token is in exactly one group: its input is gathered
-  once and its output written once, with no k-sum.
+  once and its output written once, with no k-sum. The file holds each expert's cores once; the stacks are
+  ``Concat`` nodes of initializers, which ONNX Runtime folds into constants when it loads the model. An expert
+  is in C(E-1, k-1) sets (7 for E=8, k=2): stored per set, a 1024->4096 BTT-MoE layer was a 45 MB file, 2.7x
+  its dense layer; stored once, 7 MB.
 * **By expert** (more sets than that, narrow layers, or ``moe_grouping="expert"``): each expert gathers the
   (token, slot) pairs routed to it, the results concatenate and one Gather puts them back in (token, slot)
   order before the k slots are summed. This moves k times the activations of the grouping above, but its node
@@ -119,21 +122,12 @@ def export_weights(
 ) -> tuple[list[Tensor], list[tuple[int, ...]] | None]:
     """The weights the lowered forward reads (detached, contiguous) and the expert sets (None: by expert).
 
-    By expert set: per set, the stage-1 cores stacked along φ, ``(γ, kφ, α)``, then per set the stage-2 cores
-    transposed and stacked along γ, ``(φ, γk, ε)``. By expert: ``A_i (γ, φ, α)`` then ``B_iᵀ (φ, γ, ε)``.
-    An expert's weights are in C(E-1, k-1) sets (7 for E=8, k=2), which the exported file holds.
+    Each expert once, in either grouping: ``A_i (γ, φ, α)`` for every expert, then ``B_iᵀ (φ, γ, ε)``. Grouped
+    by set, each set stacks its experts' cores in the graph (``Concat`` of initializers; ORT folds them on load).
     """
-    _, _, g, _, e, f, _ = layer.spec.sizes
     a_cores = layer.A.detach().unbind(0)  # A_i (γ, φ, α)
     b_cores = layer.B.detach().transpose(-1, -2).unbind(0)  # B_iᵀ (φ, γ, ε)
-    sets = grouped_by_set(layer, grouping)
-    if sets is None:
-        weights = [*a_cores, *b_cores]
-    else:
-        first = [torch.cat([a_cores[i] for i in s], dim=1) for s in sets]  # (γ, kφ, α) each
-        second = [torch.stack([b_cores[i] for i in s], dim=2).reshape(f, g * len(s), e) for s in sets]  # (φ, γk, ε)
-        weights = [*first, *second]
-    return [w.contiguous() for w in weights], sets
+    return [w.contiguous() for w in (*a_cores, *b_cores)], grouped_by_set(layer, grouping)
 
 
 def attach_weights(layer: nn.Module, prefix: str, weights: Sequence[Tensor]) -> None:
@@ -162,7 +156,7 @@ def detach_weights(layer: nn.Module) -> None:
 
 
 def attach_moe_weights(layer: BTTMoELinear, prefix: str, grouping: MoEGrouping = "auto") -> None:
-    """:func:`attach_weights` of :func:`export_weights`, with the expert sets they were arranged for."""
+    """:func:`attach_weights` of :func:`export_weights`, with the expert sets to group by (None: by expert)."""
     weights, sets = export_weights(layer, grouping)
     attach_weights(layer, prefix, weights)
     setattr(layer, _SETS, sets)
@@ -218,21 +212,23 @@ def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = 
 def _moe_by_expert_set(
     x: Tensor, code: Tensor, table: Tensor, weights: list[Tensor], members: list[int], sizes: list[int]
 ) -> Tensor:
-    """Per expert set: its tokens (``code`` equal to the set's bit mask), their k experts as one MatMul pair with
-    the gates from ``table`` (N, E) applied to the intermediate; the outputs back in token order: (N, φε)."""
-    a, g, f, e, _, k = sizes
+    """Per expert set: its tokens (``code`` equal to the set's bit mask), their k experts as one MatMul pair (the
+    experts' cores in ``weights``, stacked here) with the gates from ``table`` (N, E) applied to the intermediate;
+    the outputs back in token order: (N, φε)."""
+    a, g, f, e, r, k = sizes
     n = x.shape[0]
     x3 = x.reshape(n, g, a)  # (N, γ, α)
     outs, groups = [], []
-    sets = _set_codes(members, k)
-    for s, (ids, bits) in enumerate(sets):
+    for ids, bits in _set_codes(members, k):
+        first = torch.cat([weights[i] for i in ids], dim=1)  # (γ, kφ, α)
+        second = torch.stack([weights[r + i] for i in ids], dim=2).reshape(f, g * k, e)  # (φ, γ, k, ε) -> (φ, γk, ε)
         tokens = torch.nonzero(code == bits).reshape(-1)  # (m,) tokens of this set
         m = tokens.shape[0]
         gate = table.index_select(0, tokens)[:, ids]  # (m, k) in member order
         xe = x3.index_select(0, tokens).permute(1, 2, 0)  # (m, γ, α) -> (γ, α, m)
-        z = torch.matmul(weights[s], xe)  # (γ, kφ, α)@(γ, α, m) -> (γ, kφ, m)
+        z = torch.matmul(first, xe)  # (γ, kφ, α)@(γ, α, m) -> (γ, kφ, m)
         z = z.reshape(g, k, f, m) * gate.t().reshape(k, 1, m)  # (γ, k, φ, m): each expert's gate
-        y = torch.matmul(z.reshape(g * k, f, m).permute(1, 2, 0), weights[len(sets) + s])  # (φ, m, γk)@(φ, γk, ε)
+        y = torch.matmul(z.reshape(g * k, f, m).permute(1, 2, 0), second)  # (φ, m, γk)@(φ, γk, ε)
         outs.append(y)  # (φ, m, ε): the k experts already summed
         groups.append(tokens)
     ys = torch.cat(outs, dim=1)  # (φ, N, ε) grouped by set
@@ -323,17 +319,20 @@ def _onnx_by_expert_set(
     flat, split, merged = _ints(-1), _ints(g, k, f, -1), _ints(g * k, f, -1)  # shared by every set
     x3 = op.Reshape(x, _ints(-1, g, a))  # (N, γ, α)
     by_expert = op.Reshape(op.Transpose(table, perm=[1, 0]), _ints(r, 1, -1))  # (E, 1, N) gate per expert
-    sets = _set_codes(members, k)
+    stacked = _ints(f, g * k, e)
     outs, groups = [], []
-    for s, (ids, bits) in enumerate(sets):
+    for ids, bits in _set_codes(members, k):
+        # The set's cores stacked from initializers: constants that ONNX Runtime folds when it loads the model.
+        first = op.Concat(*[weights[i] for i in ids], axis=1)  # (γ, kφ, α)
+        second = op.Concat(*[op.Unsqueeze(weights[r + i], _ints(2)) for i in ids], axis=2)  # (φ, γ, k, ε)
         mask = op.Equal(code, op.Constant(value_int=bits))  # (N,)
         tokens = op.Reshape(op.NonZero(mask), flat)  # (m,)
         gate = op.Gather(op.Gather(by_expert, _ints(*ids), axis=0), tokens, axis=2)  # (k, 1, m)
         xe = op.Transpose(op.Gather(x3, tokens, axis=0), perm=[1, 2, 0])  # (m, γ, α) -> (γ, α, m)
-        z = op.MatMul(weights[s], xe)  # (γ, kφ, α)@(γ, α, m) -> (γ, kφ, m)
+        z = op.MatMul(first, xe)  # (γ, kφ, α)@(γ, α, m) -> (γ, kφ, m)
         z = op.Mul(op.Reshape(z, split), gate)  # (γ, k, φ, m): each expert's gate
         z = op.Transpose(op.Reshape(z, merged), perm=[1, 2, 0])  # (φ, m, γk)
-        outs.append(op.MatMul(z, weights[len(sets) + s]))  # (φ, m, γk)@(φ, γk, ε) -> (φ, m, ε)
+        outs.append(op.MatMul(z, op.Reshape(second, stacked)))  # (φ, m, γk)@(φ, γk, ε) -> (φ, m, ε)
         groups.append(tokens)
     ys = op.Gather(op.Concat(*outs, axis=1), _onnx_inverse(op.Concat(*groups, axis=0)), axis=1)  # (φ, N, ε)
     return op.Reshape(op.Transpose(ys, perm=[1, 0, 2]), _ints(-1, f * e))  # (N, φε)

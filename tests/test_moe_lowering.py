@@ -145,6 +145,21 @@ def test_export_by_expert_set_matches_and_repeats_bitwise(experts: int, k: int, 
     _check_parity_and_repeats(layer, tmp_path / "moe.onnx", "set")
 
 
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_the_exported_file_holds_each_expert_once(grouping: str, tmp_path: Path) -> None:
+    import onnx
+
+    layer = BTTMoELinear(512, 1024, num_experts=8, top_k=2).eval()  # cores of 16k and 32k elements
+    path = tmp_path / "moe.onnx"
+    report = er.export_onnx(layer, (torch.randn(2, 8, 512),), path, moe_grouping=grouping)
+    assert report.checked and report.op_counts["Equal"] == _groups(layer, grouping)
+    proto = onnx.load(str(path))  # with the external data
+    stored = sum(math.prod(t.dims) for t in proto.graph.initializer)
+    params = sum(p.numel() for p in layer.parameters())
+    # grouped by set, every expert is in 7 of the 28 sets: its cores stacked per set would store 7x the params
+    assert params <= stored <= 1.05 * params, (stored, params)
+
+
 # Grouped by expert, the gates apply on the narrowest of input γα, intermediate γφ and output φε:
 # (d_in, d_out, in_split, out_split, top_k), one case each, and k = 3 for the slot-major gather with k > 2.
 _GATE_CASES = {
