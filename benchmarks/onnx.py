@@ -259,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(tmp) / f"{name}.onnx"
             report = er.export_onnx(model, (export_idx,), path, dtype=dtype, providers=args.provider)
             placed = ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in report.placement.items())
-            print(f"  {name:14s} exported: {sum(report.op_counts.values())} nodes, ORT parity "
-                  f"{report.max_abs_diff:.2g}; nodes per provider: {placed or 'n/a'}"
+            size = sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.exists())
+            print(f"  {name:14s} exported: {sum(report.op_counts.values())} nodes, {size / 2**20:.1f} MiB, "
+                  f"ORT parity {report.max_abs_diff:.2g}; nodes per provider: {placed or 'n/a'}"
                   + (f"; CPU fallback: {len(report.fallback_nodes)}" if report.fallback_nodes else ""))
             paths[name] = path
             session = onnxruntime_session(path, args.provider, threads=args.threads)
