@@ -32,11 +32,11 @@ def _grouped_mm(x: Any, weight: Any, offs: Any) -> Any:
     if not isinstance(experts, int):
         raise TypeError(f"grouped_mm_fallback needs a static expert count, got weight shape {weight.shape}")
     ends = op.Cast(offs, to=7)  # (E,) int64: row where each expert's group ends
-    starts = op.Concat(op.Constant(value_ints=[0]), ends, axis=0)  # (E+1,): where each group starts, then S'
+    starts = op.Concat(op.Constant(value_ints=[0]), ends, axis=0)  # (E+1,): 0, then each group's end
     axis = op.Constant(value_ints=[0])
     outs = []
     for i in range(experts):
-        begin = op.Slice(starts, op.Constant(value_ints=[i]), op.Constant(value_ints=[i + 1]))  # (1,)
+        begin = op.Slice(starts, op.Constant(value_ints=[i]), op.Constant(value_ints=[i + 1]))  # (1,) = ends[i-1]
         end = op.Slice(ends, op.Constant(value_ints=[i]), op.Constant(value_ints=[i + 1]))  # (1,)
         rows = op.Slice(x, begin, end, axis)  # (m_i, K): empty when the expert got no rows
         w = op.Gather(weight, op.Constant(value_int=i), axis=0)  # (K, N)
