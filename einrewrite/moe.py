@@ -40,7 +40,7 @@ from .errors import StructureMismatchError
 from .init import mup_std, project_weight
 from .structures.btt_moe import BTTMoE, MoESpec
 
-__all__ = ["BTTMoELinear", "moe_aux_loss", "route"]
+__all__ = ["BTTMoELinear", "inverse_permutation", "moe_aux_loss", "route"]
 
 Dispatch = Literal["sparse", "dense"]
 _Z_LOSS_WEIGHT = 0.1  # aux = switch + 0.1·z (paper-notes §3.3)
@@ -432,7 +432,7 @@ def _sparse_dispatch(x: Tensor, A: Tensor, B: Tensor, index: Tensor, gates: Tens
     return out
 
 
-def _inverse(order: Tensor) -> Tensor:
+def inverse_permutation(order: Tensor) -> Tensor:
     """The inverse permutation, ``position[order[i]] = i`` (ONNX ScatterND)."""
     position = torch.zeros_like(order)
     return position.index_put((order,), torch.arange(order.shape[0], device=order.device))
@@ -441,7 +441,7 @@ def _inverse(order: Tensor) -> Tensor:
 def _gather_pairs(x: Tensor, order: Tensor, k: int) -> Tensor:
     """``x[order // k]`` (a token per pair); its gradient sums each token's k pairs with gathers only."""
     if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
-        return _GatherPairs.apply(x, order, _inverse(order), k)  # type: ignore[no-any-return]
+        return _GatherPairs.apply(x, order, inverse_permutation(order), k)  # type: ignore[no-any-return]
     return x.index_select(0, torch.div(order, k, rounding_mode="floor"))  # (N·k, d)
 
 
@@ -454,7 +454,7 @@ def _to_pair_order(outs: list[Tensor], groups: list[Tensor], order: Tensor, pair
     """
     if torch.is_grad_enabled() and any(o.requires_grad for o in outs):
         if torch.compiler.is_compiling():
-            return torch.cat(outs).index_select(0, _inverse(order))  # (N·k, φε)
+            return torch.cat(outs).index_select(0, inverse_permutation(order))  # (N·k, φε)
         return _ToPairOrder.apply(pairs, *outs, *groups)  # type: ignore[no-any-return]
     out = outs[0].new_empty(pairs, outs[0].shape[1])  # (N·k, φε)
     for grp, y in zip(groups, outs, strict=True):

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ExportError
-from .moe import BTTMoELinear, route
+from .moe import BTTMoELinear, inverse_permutation, route
 
 __all__ = [
     "MAX_EXPERT_SETS",
@@ -221,7 +221,8 @@ def _moe_by_expert_set(
     outs, groups = [], []
     for ids, bits in _set_codes(members, k):
         first = torch.cat([weights[i] for i in ids], dim=1)  # (γ, kφ, α)
-        second = torch.stack([weights[r + i] for i in ids], dim=2).reshape(f, g * k, e)  # (φ, γ, k, ε) -> (φ, γk, ε)
+        second = torch.stack([weights[r + i] for i in ids], dim=2)  # (φ, γ, k, ε)
+        second = second.reshape(f, g * k, e)  # (φ, γk, ε)
         tokens = torch.nonzero(code == bits).reshape(-1)  # (m,) tokens of this set
         m = tokens.shape[0]
         gate = table.index_select(0, tokens)[:, ids]  # (m, k) in member order
@@ -232,7 +233,7 @@ def _moe_by_expert_set(
         outs.append(y)  # (φ, m, ε): the k experts already summed
         groups.append(tokens)
     ys = torch.cat(outs, dim=1)  # (φ, N, ε) grouped by set
-    ys = ys.index_select(1, _inverse(torch.cat(groups)))  # (φ, N, ε) in token order
+    ys = ys.index_select(1, inverse_permutation(torch.cat(groups)))  # (φ, N, ε) in token order
     return ys.permute(1, 0, 2).reshape(n, f * e)  # (N, φ, ε) -> (N, φε)
 
 
@@ -265,7 +266,8 @@ def _moe_by_expert(x: Tensor, index: Tensor, gates: Tensor, weights: list[Tensor
         outs.append(y)
         groups.append(pairs)
     ys = torch.cat(outs, dim=1)  # (φ, N·k, ε) grouped by expert
-    slot_major = _inverse(torch.cat(groups)).reshape(n, k).t().reshape(-1)  # (k·N,): slot s of token t at s·N + t
+    position = inverse_permutation(torch.cat(groups))  # (N·k,) where each (token, slot) pair landed
+    slot_major = position.reshape(n, k).t().reshape(-1)  # (k·N,): slot s of token t at s·N + t
     ys = ys.index_select(1, slot_major).reshape(f, k, n, e).sum(1)  # (φ, k, N, ε) -> (φ, N, ε)
     return ys.permute(1, 0, 2).reshape(n, f * e)  # (N, φ, ε) -> (N, φε)
 
@@ -279,12 +281,6 @@ def _set_codes(members: Sequence[int], k: int) -> list[tuple[list[int], int]]:
     """Each set's expert ids (from the flattened ``members``) and its bit mask, the value of its tokens' code."""
     sets = [list(members[s : s + k]) for s in range(0, len(members), k)]
     return [(ids, sum(1 << i for i in ids)) for ids in sets]
-
-
-def _inverse(order: Tensor) -> Tensor:
-    """The inverse of the permutation ``order`` (a scatter whose indices are unique)."""
-    positions = torch.arange(order.shape[0], device=order.device)
-    return torch.zeros_like(order).index_put((order,), positions)
 
 
 def _gate_position(sizes: Sequence[int]) -> int:
@@ -301,7 +297,8 @@ def _ints(*values: int) -> Any:
 
 
 def _onnx_inverse(order: Any) -> Any:
-    """ONNX of :func:`_inverse`: ScatterND of 0..L-1 at ``order`` into zeros (indices unique, no reduction)."""
+    """ONNX of :func:`~einrewrite.moe.inverse_permutation`: ScatterND of 0..L-1 at ``order`` into zeros (indices
+    unique, no reduction)."""
     from onnxscript import opset18 as op
 
     length = op.Shape(order)  # (1,)
