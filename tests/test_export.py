@@ -109,6 +109,30 @@ def test_the_callers_translation_exports_an_op_the_exporter_does_not_know(tmp_pa
     assert report.op_counts.get("Add", 0) >= 1
 
 
+def test_nodes_an_accelerator_left_to_the_cpu_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    """The placement parser on a stand-in for an ORT session whose CUDA provider left two nodes to the CPU."""
+    from types import SimpleNamespace
+
+    def subgraph(ep: str, *ops: str) -> SimpleNamespace:
+        nodes = [SimpleNamespace(op_type=op, name=f"n{i}") for i, op in enumerate(ops)]
+        return SimpleNamespace(ep_name=ep, get_nodes=lambda: nodes)
+
+    session = SimpleNamespace(get_provider_graph_assignment_info=lambda: [
+        subgraph("CUDAExecutionProvider", "MatMul", "MatMul", "Add"),
+        subgraph("CPUExecutionProvider", "NonZero", "Shape"),
+    ])
+    report = export_module.ExportReport(path="m.onnx", dtype="float16", opset=20, op_counts={})
+    export_module._record_placement(session, report, "CUDAExecutionProvider")
+    assert report.placement == {"CUDAExecutionProvider": 3, "CPUExecutionProvider": 2}
+    assert report.fallback_nodes == ["NonZero:n0", "Shape:n1"]
+    assert "2 nodes fell back to CPU" in report.summary()
+    assert "fell back from CUDAExecutionProvider to CPU" in caplog.text
+
+    on_cpu = export_module.ExportReport(path="m.onnx", dtype="float32", opset=20, op_counts={})
+    export_module._record_placement(session, on_cpu, "CPUExecutionProvider")  # CPU asked for: nothing fell back
+    assert not on_cpu.fallback_nodes and "fell back" not in on_cpu.summary()
+
+
 class _DataDependent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2 if x.sum() > 0 else x
