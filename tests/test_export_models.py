@@ -110,7 +110,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], RewriteConfig, dict[str, str]]] 
         _vit,
         RewriteConfig(structure="btt", budget=FlopBudget(ratio=0.5),
                       overrides={"mlp.fc2": LayerOverride(structure="kronecker")}),
-        {"vit.layers.0.attention.q_proj": "btt", "vit.layers.0.mlp.fc2": "kronecker", "classifier": "skipped: output_head"},
+        {"vit.layers.0.attention.q_proj": "btt", "vit.layers.0.mlp.fc2": "kronecker",
+         "classifier": "skipped: output_head"},
     ),
     "mixtral": (
         _mixtral,
