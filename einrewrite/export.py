@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
 from .external_ops import known_translations
-from .lowering import onnx_lowering
+from .lowering import is_lowered_weight, onnx_lowering
 from .moe_lowering import ONNX_TRANSLATIONS, MoEGrouping, check_grouping
 
 __all__ = [
@@ -379,8 +379,13 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _optimize_graph(program: Any, optimize: bool | None) -> str:
-    """Run onnxscript's graph passes on ``program`` as ``optimize`` asks: ``"full"``, ``"fold"`` or ``"none"``."""
+    """Run onnxscript's graph passes on ``program`` as ``optimize`` asks: ``"full"``, ``"fold"`` or ``"none"``.
+
+    "full" is what ``ONNXProgram.optimize()`` runs (``optimize_ir``, then the ONNX fusions); both modes leave the
+    nodes over lowered weights unfolded (:func:`_fold_unless_lowered_weight`).
+    """
     import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
 
     if optimize is False:
         return "none"
@@ -388,13 +393,26 @@ def _optimize_graph(program: Any, optimize: bool | None) -> str:
     nodes = sum(1 for _ in model.graph) + sum(len(f) for f in model.functions.values())
     with warnings_silenced():
         if optimize or nodes <= OPTIMIZE_MAX_NODES:
-            program.optimize()
+            onnxscript.optimizer.optimize_ir(model, should_fold=_fold_unless_lowered_weight)
+            onnxscript.rewriter.onnx_fusions.fuse(model)
             return "full"
         log.info("%d nodes: only constant folding (optimize=True runs the full, slow optimizer)", nodes)
         onnxscript.optimizer.inline(model)
-        onnxscript.optimizer.fold_constants(model)
+        onnxscript.optimizer.fold_constants(model, should_fold=_fold_unless_lowered_weight)
         onnxscript.optimizer.remove_unused_nodes(model)
     return "fold"
+
+
+def _fold_unless_lowered_weight(node: Any) -> bool | None:
+    """``should_fold`` for onnxscript: never fold a node that reads a lowered weight, else the default rules.
+
+    Lowered weights are already in the layout their MatMuls read; the only nodes over them are a BTT-MoE set's
+    ``Concat`` of its experts' cores. Folded here, the file would hold each expert once per set (7 times for E=8,
+    k=2); left in the graph, ONNX Runtime folds them when it loads the model.
+    """
+    if any(value is not None and is_lowered_weight(value.name or "") for value in node.inputs):
+        return False
+    return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -53,7 +53,7 @@ from .moe_lowering import (
 )
 from .spec import EinsumSpec
 
-__all__ = ["LoweringPlan", "StagePlan", "lowered_forward", "lowering_plan", "onnx_lowering"]
+__all__ = ["LoweringPlan", "StagePlan", "is_lowered_weight", "lowered_forward", "lowering_plan", "onnx_lowering"]
 
 _X, _A, _B, _Y = "ngba", "grfda", "fegrb", "nfed"  # axis labels of x, A, B, y in memory order
 _TOKENS = "n"
@@ -290,6 +290,12 @@ def lowered_forward(layer: EinsumLinear, x: Tensor) -> Tensor:
         # After the reshape, as nn.Linear's bias: ORT then fuses it with what follows (BiasGelu, SkipLayerNorm).
         y = y + layer.bias.to(y.dtype)  # (..., d_out)
     return y
+
+
+def is_lowered_weight(name: str) -> bool:
+    """Whether an exported initializer named ``name`` is a weight :func:`onnx_lowering` attached (e.g.
+    ``"h.0.mlp.fc._onnx_lowered_w1"``): already in the layout its MatMul consumes."""
+    return _BUFFER_PREFIX in name
 
 
 def _forward_method(self: EinsumLinear, x: Tensor) -> Tensor:

@@ -145,13 +145,17 @@ def test_export_by_expert_set_matches_and_repeats_bitwise(experts: int, k: int, 
     _check_parity_and_repeats(layer, tmp_path / "moe.onnx", "set")
 
 
+@pytest.mark.parametrize("optimize", [None, False])
+@pytest.mark.parametrize(("d_in", "d_out"), [(64, 96), (512, 1024)])  # cores under / over onnxscript's fold limit
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_the_exported_file_holds_each_expert_once(grouping: str, tmp_path: Path) -> None:
+def test_the_exported_file_holds_each_expert_once(
+    grouping: str, d_in: int, d_out: int, optimize: bool | None, tmp_path: Path
+) -> None:
     import onnx
 
-    layer = BTTMoELinear(512, 1024, num_experts=8, top_k=2).eval()  # cores of 16k and 32k elements
+    layer = BTTMoELinear(d_in, d_out, num_experts=8, top_k=2).eval()
     path = tmp_path / "moe.onnx"
-    report = er.export_onnx(layer, (torch.randn(2, 8, 512),), path, moe_grouping=grouping)
+    report = er.export_onnx(layer, (torch.randn(2, 8, d_in),), path, moe_grouping=grouping, optimize=optimize)
     assert report.checked and report.op_counts["Equal"] == _groups(layer, grouping)
     proto = onnx.load(str(path))  # with the external data
     stored = sum(math.prod(t.dims) for t in proto.graph.initializer)
