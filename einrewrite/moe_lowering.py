@@ -117,17 +117,15 @@ def grouped_by_set(layer: BTTMoELinear, grouping: MoEGrouping = "auto") -> list[
     return expert_sets(layer.num_experts, layer.top_k)
 
 
-def export_weights(
-    layer: BTTMoELinear, grouping: MoEGrouping = "auto"
-) -> tuple[list[Tensor], list[tuple[int, ...]] | None]:
-    """The weights the lowered forward reads (detached, contiguous) and the expert sets (None: by expert).
+def export_weights(layer: BTTMoELinear) -> list[Tensor]:
+    """The weights the lowered forward reads (detached, contiguous), the same in either grouping.
 
-    Each expert once, in either grouping: ``A_i (γ, φ, α)`` for every expert, then ``B_iᵀ (φ, γ, ε)``. Grouped
-    by set, each set stacks its experts' cores in the graph (``Concat`` of initializers; ORT folds them on load).
+    Each expert once: ``A_i (γ, φ, α)`` for every expert, then ``B_iᵀ (φ, γ, ε)``. Grouped by set, each set
+    stacks its experts' cores in the graph (``Concat`` of initializers; ORT folds them on load).
     """
     a_cores = layer.A.detach().unbind(0)  # A_i (γ, φ, α)
     b_cores = layer.B.detach().transpose(-1, -2).unbind(0)  # B_iᵀ (φ, γ, ε)
-    return [w.contiguous() for w in (*a_cores, *b_cores)], grouped_by_set(layer, grouping)
+    return [w.contiguous() for w in (*a_cores, *b_cores)]
 
 
 def attach_weights(layer: nn.Module, prefix: str, weights: Sequence[Tensor]) -> None:
@@ -157,9 +155,8 @@ def detach_weights(layer: nn.Module) -> None:
 
 def attach_moe_weights(layer: BTTMoELinear, prefix: str, grouping: MoEGrouping = "auto") -> None:
     """:func:`attach_weights` of :func:`export_weights`, with the expert sets to group by (None: by expert)."""
-    weights, sets = export_weights(layer, grouping)
-    attach_weights(layer, prefix, weights)
-    setattr(layer, _SETS, sets)
+    attach_weights(layer, prefix, export_weights(layer))
+    setattr(layer, _SETS, grouped_by_set(layer, grouping))
 
 
 def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = "auto") -> Tensor:
@@ -183,7 +180,10 @@ def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = 
         True
     """
     attached = attached_weights(layer)
-    weights, sets = (attached, getattr(layer, _SETS)) if attached else export_weights(layer, grouping)
+    if attached:
+        weights, sets = attached, getattr(layer, _SETS)
+    else:
+        weights, sets = export_weights(layer), grouped_by_set(layer, grouping)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)  # (N, d_in)
     if x2.dtype != weights[0].dtype:
