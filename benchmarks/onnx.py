@@ -9,9 +9,11 @@ parity checked, node placement recorded) and times, interleaved best-of-N in the
 * ``<structure> torch``: the structured model in torch eager (``no_grad``), same thread count;
 * optionally ``dense torch`` (``--dense-torch``).
 
-It prints the times, the ratios ``dense ORT / structured ORT`` (target >= 3x on CPU, >= 2x on CUDA) and
-``structured torch / structured ORT`` (target >= 1x), and with ``--profile`` the ORT time per op type of each
-model, which says where the time goes when a target is missed.
+Each export's line gives its file size and, on CPU, its ORT session's memory: how much a fresh process's
+resident memory grows when ONNX Runtime loads it. It prints the times, the ratios ``dense ORT / structured
+ORT`` (target >= 3x on CPU, >= 2x on CUDA) and ``structured torch / structured ORT`` (target >= 1x), and
+with ``--profile`` the ORT time per op type of each model, which says where the time goes when a target is
+missed.
 
 BTT-MoE is timed twice in the same run: ``btt_moe:init`` with the routers the rewrite makes (zero: every
 token goes to experts 0..k-1, as in an untrained rewrite) and ``btt_moe:random`` with routers drawn at random,
@@ -138,6 +140,32 @@ def max_expert_load(model: nn.Module, idx: Tensor) -> float | None:
     return sum(ratios) / len(ratios)
 
 
+_SESSION_MEMORY = """
+import sys, onnxruntime as ort
+def resident():
+    return int(open("/proc/self/statm").read().split()[1])
+before = resident()
+options = ort.SessionOptions()
+options.intra_op_num_threads = int(sys.argv[2])
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+print(resident() - before)
+"""
+
+
+def session_memory_mib(path: Path, threads: int) -> float | None:
+    """How much a fresh process's resident memory grows when ONNX Runtime (CPU) loads ``path``: the weights as
+    ORT holds them, folded constants and pre-packed MatMul operands included. None off Linux or on failure."""
+    import subprocess
+
+    if not Path("/proc/self/statm").exists():
+        return None
+    done = subprocess.run([sys.executable, "-c", _SESSION_MEMORY, str(path), str(threads)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not done.stdout.strip():
+        return None
+    return int(done.stdout.split()[-1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def ort_runner(session: Any, idx: Tensor) -> Callable[[], object]:
     """A zero-argument call running ``session`` on the token ids."""
     feeds = {session.get_inputs()[0].name: idx.numpy()}
@@ -260,11 +288,13 @@ def main(argv: list[str] | None = None) -> int:
             report = er.export_onnx(model, (export_idx,), path, dtype=dtype, providers=args.provider)
             placed = ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in report.placement.items())
             size = sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.exists())
-            print(f"  {name:14s} exported: {sum(report.op_counts.values())} nodes, {size / 2**20:.1f} MiB, "
+            paths[name] = path
+            held = session_memory_mib(path, args.threads) if args.provider == "cpu" else None
+            session = onnxruntime_session(path, args.provider, threads=args.threads)
+            print(f"  {name:14s} exported: {sum(report.op_counts.values())} nodes, {size / 2**20:.1f} MiB"
+                  + ("" if held is None else f", ORT session {held:.0f} MiB") + ", "
                   f"ORT parity {report.max_abs_diff:.2g}; nodes per provider: {placed or 'n/a'}"
                   + (f"; CPU fallback: {len(report.fallback_nodes)}" if report.fallback_nodes else ""))
-            paths[name] = path
-            session = onnxruntime_session(path, args.provider, threads=args.threads)
             fns[f"{name} ORT"] = ort_runner(session, idx)
             if name != "dense" or args.dense_torch:
                 runner = copy.deepcopy(model).to(device, torch_dtype) if device.type == "cuda" else model

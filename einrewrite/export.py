@@ -406,9 +406,9 @@ def _optimize_graph(program: Any, optimize: bool | None) -> str:
 def _fold_unless_lowered_weight(node: Any) -> bool | None:
     """``should_fold`` for onnxscript: never fold a node that reads a lowered weight, else the default rules.
 
-    Lowered weights are already in the layout their MatMuls read; the only nodes over them are a BTT-MoE set's
-    ``Concat`` of its experts' cores. Folded here, the file would hold each expert once per set (7 times for E=8,
-    k=2); left in the graph, ONNX Runtime folds them when it loads the model.
+    Lowered weights are already in the layout their MatMuls read, and every one is read by MatMuls only. A node
+    folded over one would store a rearranged copy next to it (a BTT-MoE layer whose sets stacked their experts'
+    cores once wrote each expert 7 times for E=8, k=2); this keeps the file at one copy of each weight.
     """
     if any(value is not None and is_lowered_weight(value.name or "") for value in node.inputs):
         return False

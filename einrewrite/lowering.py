@@ -315,7 +315,7 @@ def onnx_lowering(model: nn.Module, moe_grouping: MoEGrouping = "auto") -> Itera
     undone on exit (buffers removed, the class forward restored), also on error. ``BTTMoELinear`` layers run
     :func:`~einrewrite.moe_lowering.lowered_moe_forward` (sparse routing with a deterministic combine, one
     custom op per layer that :data:`~einrewrite.moe_lowering.ONNX_TRANSLATIONS` turns into ONNX) with their
-    per-group weights as buffers; other modules keep their own forward.
+    per-expert weights as buffers; other modules keep their own forward.
 
     Args:
         model: the module to export; modified in place until the context exits.

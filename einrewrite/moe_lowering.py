@@ -6,28 +6,28 @@ them (ecosystem-notes §4), which on a 2-core CPU runs at memory bandwidth. Two 
 
 * **By expert set** (:func:`expert_sets`, when there are at most :data:`MAX_EXPERT_SETS` of them, e.g. the
   28 pairs of E=8, k=2; by default only on layers wide enough to gain, :func:`grouped_by_set`): tokens are
-  grouped by the *set* of experts they picked. Each group runs its k experts as one MatMul pair, with the k
-  experts' stage-1 cores stacked along φ and their stage-2 cores stacked along the contracted γ, so the second
-  MatMul already sums the k gated expert outputs. Every token is in exactly one group: its input is gathered
-  once and its output written once, with no k-sum. The file holds each expert's cores once; the stacks are
-  ``Concat`` nodes of initializers, which ONNX Runtime folds into constants when it loads the model. An expert
-  is in C(E-1, k-1) sets (7 for E=8, k=2): stored per set, a 1024->4096 BTT-MoE layer was a 45 MB file, 2.7x
-  its dense layer; stored once, 7 MB.
+  grouped by the *set* of experts they picked. Each group's input is gathered once, each of its k experts runs
+  on it as a MatMul pair over that expert's own cores, and the k gated outputs are added while they are small.
+  Every token is in exactly one group: its output is written once, with no k-sum over the whole batch. The
+  MatMuls read each expert's cores as stored: ONNX Runtime holds every expert once. (Stacking a set's k experts
+  into one MatMul pair ran the d=1024 benchmark GPT 1-4% faster, but ORT folded the stacks into constants: each
+  expert is in C(E-1, k-1) sets, so the session held 7x the experts, 978 MiB against 145 MiB, and 275 MiB for
+  the dense model.)
 * **By expert** (more sets than that, narrow layers, or ``moe_grouping="expert"``): each expert gathers the
   (token, slot) pairs routed to it, the results concatenate and one Gather puts them back in (token, slot)
   order before the k slots are summed. This moves k times the activations of the grouping above, but its node
   count grows with E instead of C(E, k).
 
-In both, the second MatMul puts the tokens in the middle, ``(φ, m, ε)``: outputs concatenate along the token
-axis, one ``Gather`` on axis 1 moves whole ε rows back to token order (the inverse permutation is built by a
-``ScatterND`` whose indices are unique), and a single ``(φ, N, ε) -> (N, φ, ε)`` Transpose of ε-row blocks
-ends the layer. Token-major expert outputs would need a Transpose of single elements, which ORT's CPU kernel
+In both, every expert gates where its activations are narrowest (input γα, intermediate γφ or output φε) and
+its second MatMul puts the tokens in the middle, ``(φ, m, ε)``: outputs concatenate along the token axis, one
+``Gather`` on axis 1 moves whole ε rows back to token order (the inverse permutation is built by a ``ScatterND``
+whose indices are unique), and a single ``(φ, N, ε) -> (N, φ, ε)`` Transpose of ε-row blocks ends the layer. Token-major expert outputs would need a Transpose of single elements, which ORT's CPU kernel
 does slowly. No ``ScatterND(add)`` is used: ONNX leaves duplicate indices undefined and ORT's multi-threaded
 CPU kernel can race on them (microsoft/onnxruntime#18048), so the exported layer gives the same bits every run.
 
 Measured on the 2-core development machine (ORT 1.32 CPU, 2 threads, fp32, 2048 tokens, random routers, one
 process, interleaved best of 30, a noisy day): grouping by expert pair instead of by expert took a 1024->4096
-layer from 77 to 52 ms and a 4096->1024 one from 63 to 47 ms.
+layer from 62 to 57 ms and a 4096->1024 one from 50 to 44 ms.
 
 Each grouping is a custom op (``einrewrite::moe_by_expert_set``, ``einrewrite::moe_by_expert``) with an eager
 torch implementation and an ONNX translation written with onnxscript (:data:`ONNX_TRANSLATIONS`, which
@@ -35,12 +35,13 @@ torch implementation and an ONNX translation written with onnxscript (:data:`ONN
 static output shape, instead of tracing every group's data-dependent ``NonZero`` size through fake tensors
 (two d=256 BTT-MoE layers: 45 s -> 13 s by expert, 172 s -> 28 s by expert pair); the routing (router, top-k,
 gates) stays in torch and exports as usual. Unlike the eager sparse path (:mod:`einrewrite.moe`), the weights
-are per-group initializers and nothing here needs autograd. Axis letters as in :mod:`einrewrite.lowering`:
+are per-expert initializers and nothing here needs autograd. Axis letters as in :mod:`einrewrite.lowering`:
 α, γ input factors, φ, ε output factors.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -120,8 +121,7 @@ def grouped_by_set(layer: BTTMoELinear, grouping: MoEGrouping = "auto") -> list[
 def export_weights(layer: BTTMoELinear) -> list[Tensor]:
     """The weights the lowered forward reads (detached, contiguous), the same in either grouping.
 
-    Each expert once: ``A_i (γ, φ, α)`` for every expert, then ``B_iᵀ (φ, γ, ε)``. Grouped by set, each set
-    stacks its experts' cores in the graph (``Concat`` of initializers; ORT folds them on load).
+    Each expert once, in the layout its MatMuls read: ``A_i (γ, φ, α)`` for every expert, then ``B_iᵀ (φ, γ, ε)``.
     """
     a_cores = layer.A.detach().unbind(0)  # A_i (γ, φ, α)
     b_cores = layer.B.detach().transpose(-1, -2).unbind(0)  # B_iᵀ (φ, γ, ε)
@@ -212,25 +212,19 @@ def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = 
 def _moe_by_expert_set(
     x: Tensor, code: Tensor, table: Tensor, weights: list[Tensor], members: list[int], sizes: list[int]
 ) -> Tensor:
-    """Per expert set: its tokens (``code`` equal to the set's bit mask), their k experts as one MatMul pair (the
-    experts' cores in ``weights``, stacked here) with the gates from ``table`` (N, E) applied to the intermediate;
-    the outputs back in token order: (N, φε)."""
+    """Per expert set: its tokens (``code`` equal to the set's bit mask) gathered once, each of its k experts run
+    on them with its gate from ``table`` (N, E), the k outputs added; the outputs back in token order: (N, φε)."""
     a, g, f, e, r, k = sizes
     n = x.shape[0]
+    gate_at = _gate_position(sizes)
     x3 = x.reshape(n, g, a)  # (N, γ, α)
     outs, groups = [], []
     for ids, bits in _set_codes(members, k):
-        first = torch.cat([weights[i] for i in ids], dim=1)  # (γ, kφ, α)
-        second = torch.stack([weights[r + i] for i in ids], dim=2)  # (φ, γ, k, ε)
-        second = second.reshape(f, g * k, e)  # (φ, γk, ε)
         tokens = torch.nonzero(code == bits).reshape(-1)  # (m,) tokens of this set
-        m = tokens.shape[0]
-        gate = table.index_select(0, tokens)[:, ids]  # (m, k) in member order
-        xe = x3.index_select(0, tokens).permute(1, 2, 0)  # (m, γ, α) -> (γ, α, m)
-        z = torch.matmul(first, xe)  # (γ, kφ, α)@(γ, α, m) -> (γ, kφ, m)
-        z = z.reshape(g, k, f, m) * gate.t().reshape(k, 1, m)  # (γ, k, φ, m): each expert's gate
-        y = torch.matmul(z.reshape(g * k, f, m).permute(1, 2, 0), second)  # (φ, m, γk)@(φ, γk, ε)
-        outs.append(y)  # (φ, m, ε): the k experts already summed
+        xs = x3.index_select(0, tokens)  # (m, γ, α)
+        gates = table.index_select(0, tokens)  # (m, E)
+        ys = [_expert(xs, gates[:, i], weights[i], weights[r + i], gate_at) for i in ids]  # k x (φ, m, ε)
+        outs.append(functools.reduce(torch.add, ys))  # (φ, m, ε): the k gated experts summed
         groups.append(tokens)
     ys = torch.cat(outs, dim=1)  # (φ, N, ε) grouped by set
     ys = ys.index_select(1, inverse_permutation(torch.cat(groups)))  # (φ, N, ε) in token order
@@ -249,21 +243,12 @@ def _moe_by_expert(x: Tensor, index: Tensor, gates: Tensor, weights: list[Tensor
     a, g, f, e, r, k = sizes
     n = x.shape[0]
     gate_at = _gate_position(sizes)
+    x3 = x.reshape(n, g, a)  # (N, γ, α)
     outs, groups = [], []
     for i in range(r):
         pairs = torch.nonzero(index == i).reshape(-1)  # (m,) pairs routed to expert i
-        gate = gates.index_select(0, pairs)  # (m,)
-        xe = x.index_select(0, torch.div(pairs, k, rounding_mode="floor"))  # (m, γα) their tokens
-        m = xe.shape[0]
-        if gate_at == 0:
-            xe = xe * gate.unsqueeze(1)  # (m, γα)
-        z = torch.matmul(weights[i], xe.reshape(m, g, a).permute(1, 2, 0))  # (γ, φ, α)@(γ, α, m) -> (γ, φ, m)
-        if gate_at == 1:
-            z = z * gate  # (γ, φ, m)
-        y = torch.matmul(z.permute(1, 2, 0), weights[r + i])  # (φ, m, γ)@(φ, γ, ε) -> (φ, m, ε)
-        if gate_at == 2:
-            y = y * gate.unsqueeze(1)  # (φ, m, ε)
-        outs.append(y)
+        xs = x3.index_select(0, torch.div(pairs, k, rounding_mode="floor"))  # (m, γ, α) their tokens
+        outs.append(_expert(xs, gates.index_select(0, pairs), weights[i], weights[r + i], gate_at))  # (φ, m, ε)
         groups.append(pairs)
     ys = torch.cat(outs, dim=1)  # (φ, N·k, ε) grouped by expert
     position = inverse_permutation(torch.cat(groups))  # (N·k,) where each (token, slot) pair landed
@@ -284,9 +269,21 @@ def _set_codes(members: Sequence[int], k: int) -> list[tuple[list[int], int]]:
 
 
 def _gate_position(sizes: Sequence[int]) -> int:
-    """Where the by-expert path gates: 0 input γα, 1 intermediate γφ, 2 output φε, whichever is narrowest."""
+    """Where an expert's gate applies: 0 input γα, 1 intermediate γφ, 2 output φε, whichever is narrowest."""
     a, g, f, e, _, _ = sizes
     return min((g * a, 0), (g * f, 1), (f * e, 2))[1]
+
+
+def _expert(xs: Tensor, gate: Tensor, first: Tensor, second: Tensor, gate_at: int) -> Tensor:
+    """One expert on its tokens ``xs`` (m, γ, α) with their gates (m,): the gated ``(φ, m, ε)``."""
+    m = xs.shape[0]
+    if gate_at == 0:
+        xs = xs * gate.reshape(m, 1, 1)  # (m, γ, α)
+    z = torch.matmul(first, xs.permute(1, 2, 0))  # (γ, φ, α)@(γ, α, m) -> (γ, φ, m)
+    if gate_at == 1:
+        z = z * gate  # (γ, φ, m)
+    y = torch.matmul(z.permute(1, 2, 0), second)  # (φ, m, γ)@(φ, γ, ε) -> (φ, m, ε)
+    return y * gate.reshape(1, m, 1) if gate_at == 2 else y  # (φ, m, ε)
 
 
 # ---- ONNX translations (onnxscript) ---------------------------------------------------------------------------
@@ -307,29 +304,43 @@ def _onnx_inverse(order: Any) -> Any:
     return op.ScatterND(zeros, op.Unsqueeze(order, _ints(1)), positions)  # (L,)
 
 
+# The gate's shape per position, against (m, γ, α), (γ, φ, m) or (φ, m, ε), and the tokens' axis in it.
+_GATE_SHAPES = {0: ((-1, 1, 1), 0), 1: ((-1,), 0), 2: ((1, -1, 1), 1)}
+
+
+def _onnx_expert(xs: Any, gate: Any, first: Any, second: Any, gate_at: int) -> Any:
+    """ONNX of :func:`_expert`: ``xs`` (m, γ, α), ``gate`` shaped as :data:`_GATE_SHAPES` says; (φ, m, ε)."""
+    from onnxscript import opset18 as op
+
+    if gate_at == 0:
+        xs = op.Mul(xs, gate)  # (m, γ, α)
+    z = op.MatMul(first, op.Transpose(xs, perm=[1, 2, 0]))  # (γ, φ, α)@(γ, α, m) -> (γ, φ, m)
+    if gate_at == 1:
+        z = op.Mul(z, gate)  # (γ, φ, m)
+    y = op.MatMul(op.Transpose(z, perm=[1, 2, 0]), second)  # (φ, m, γ)@(φ, γ, ε) -> (φ, m, ε)
+    return op.Mul(y, gate) if gate_at == 2 else y  # (φ, m, ε)
+
+
 def _onnx_by_expert_set(
     x: Any, code: Any, table: Any, weights: Sequence[Any], members: Sequence[int], sizes: Sequence[int]
 ) -> Any:
     from onnxscript import opset18 as op
 
     a, g, f, e, r, k = sizes
-    flat, split, merged = _ints(-1), _ints(g, k, f, -1), _ints(g * k, f, -1)  # shared by every set
+    gate_at = _gate_position(sizes)
+    shape, token_axis = _GATE_SHAPES[gate_at]
     x3 = op.Reshape(x, _ints(-1, g, a))  # (N, γ, α)
-    by_expert = op.Reshape(op.Transpose(table, perm=[1, 0]), _ints(r, 1, -1))  # (E, 1, N) gate per expert
-    stacked = _ints(f, g * k, e)
+    by_expert = op.Reshape(op.Transpose(table, perm=[1, 0]), _ints(r, *shape))  # (E, gate shape with N)
     outs, groups = [], []
     for ids, bits in _set_codes(members, k):
-        # The set's cores stacked from initializers: constants that ONNX Runtime folds when it loads the model.
-        first = op.Concat(*[weights[i] for i in ids], axis=1)  # (γ, kφ, α)
-        second = op.Concat(*[op.Unsqueeze(weights[r + i], _ints(2)) for i in ids], axis=2)  # (φ, γ, k, ε)
-        mask = op.Equal(code, op.Constant(value_int=bits))  # (N,)
-        tokens = op.Reshape(op.NonZero(mask), flat)  # (m,)
-        gate = op.Gather(op.Gather(by_expert, _ints(*ids), axis=0), tokens, axis=2)  # (k, 1, m)
-        xe = op.Transpose(op.Gather(x3, tokens, axis=0), perm=[1, 2, 0])  # (m, γ, α) -> (γ, α, m)
-        z = op.MatMul(first, xe)  # (γ, kφ, α)@(γ, α, m) -> (γ, kφ, m)
-        z = op.Mul(op.Reshape(z, split), gate)  # (γ, k, φ, m): each expert's gate
-        z = op.Transpose(op.Reshape(z, merged), perm=[1, 2, 0])  # (φ, m, γk)
-        outs.append(op.MatMul(z, op.Reshape(second, stacked)))  # (φ, m, γk)@(φ, γk, ε) -> (φ, m, ε)
+        tokens = op.Reshape(op.NonZero(op.Equal(code, op.Constant(value_int=bits))), _ints(-1))  # (m,)
+        gates = op.Gather(by_expert, tokens, axis=1 + token_axis)  # (E, gate shape with m)
+        xs = op.Gather(x3, tokens, axis=0)  # (m, γ, α) gathered once for the k experts
+        ys = [
+            _onnx_expert(xs, op.Gather(gates, op.Constant(value_int=i), axis=0), weights[i], weights[r + i], gate_at)
+            for i in ids
+        ]  # k x (φ, m, ε)
+        outs.append(functools.reduce(op.Add, ys))  # (φ, m, ε): the k gated experts summed
         groups.append(tokens)
     ys = op.Gather(op.Concat(*outs, axis=1), _onnx_inverse(op.Concat(*groups, axis=0)), axis=1)  # (φ, N, ε)
     return op.Reshape(op.Transpose(ys, perm=[1, 0, 2]), _ints(-1, f * e))  # (N, φε)
@@ -340,22 +351,14 @@ def _onnx_by_expert(x: Any, index: Any, gates: Any, weights: Sequence[Any], size
 
     a, g, f, e, r, k = sizes
     gate_at = _gate_position(sizes)
-    flat, tokens_major, slots = _ints(-1), _ints(-1, g, a), op.Constant(value_int=k)  # shared by every expert
-    gate_shape = {0: _ints(-1, 1), 1: _ints(-1), 2: _ints(1, -1, 1)}[gate_at]  # broadcast against the gated tensor
+    gate_shape = _ints(*_GATE_SHAPES[gate_at][0])
+    x3, slots = op.Reshape(x, _ints(-1, g, a)), op.Constant(value_int=k)  # (N, γ, α)
     outs, groups = [], []
     for i in range(r):
-        pairs = op.Reshape(op.NonZero(op.Equal(index, op.Constant(value_int=i))), flat)  # (m,)
-        gate = op.Reshape(op.Gather(gates, pairs, axis=0), gate_shape)  # (m, 1), (m,) or (1, m, 1)
-        xe = op.Gather(x, op.Div(pairs, slots), axis=0)  # (m, γα): integer division
-        if gate_at == 0:
-            xe = op.Mul(xe, gate)  # (m, γα)
-        z = op.MatMul(weights[i], op.Transpose(op.Reshape(xe, tokens_major), perm=[1, 2, 0]))  # (γ, φ, m)
-        if gate_at == 1:
-            z = op.Mul(z, gate)  # (γ, φ, m)
-        y = op.MatMul(op.Transpose(z, perm=[1, 2, 0]), weights[r + i])  # (φ, m, γ)@(φ, γ, ε) -> (φ, m, ε)
-        if gate_at == 2:
-            y = op.Mul(y, gate)  # (φ, m, ε)
-        outs.append(y)
+        pairs = op.Reshape(op.NonZero(op.Equal(index, op.Constant(value_int=i))), _ints(-1))  # (m,)
+        gate = op.Reshape(op.Gather(gates, pairs, axis=0), gate_shape)  # (m, 1, 1), (m,) or (1, m, 1)
+        xs = op.Gather(x3, op.Div(pairs, slots), axis=0)  # (m, γ, α): integer division
+        outs.append(_onnx_expert(xs, gate, weights[i], weights[r + i], gate_at))  # (φ, m, ε)
         groups.append(pairs)
     inverse = op.Reshape(_onnx_inverse(op.Concat(*groups, axis=0)), _ints(-1, k))  # (N, k)
     slot_major = op.Reshape(op.Transpose(inverse, perm=[1, 0]), _ints(-1))  # (k·N,)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 import einrewrite as er
 from einrewrite.errors import ExportError
+from einrewrite.lowering import is_lowered_weight
 from einrewrite.moe import BTTMoELinear
 from einrewrite.moe_lowering import MIN_SET_WIDTH, expert_sets, grouped_by_set, lowered_moe_forward
 
@@ -80,16 +81,20 @@ def _ancestors(graph: object, name: str) -> set[str]:
     return types
 
 
-def _check_sparse_graph(path: Path, groups: int) -> None:
+def _check_sparse_graph(path: Path, groups: int, experts_per_group: int = 1) -> None:
     onnx = pytest.importorskip("onnx")
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
     assert "Einsum" not in ops
     assert ops.count("NonZero") == groups and "Gather" in ops and "ScatterND" in ops
-    # every group's two MatMuls read its tokens (selected through NonZero), not the whole batch
+    # every group's experts run as MatMul pairs on its tokens (selected through NonZero), not the whole batch
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
-    assert len(matmuls) == 2 * groups
+    assert len(matmuls) == 2 * groups * experts_per_group
     assert all("NonZero" in _ancestors(graph, n.input[0]) | _ancestors(graph, n.input[1]) for n in matmuls)
+    # the MatMuls read each expert's cores as stored: nothing (a per-set Concat) makes ONNX Runtime hold copies
+    weights = {t.name for t in graph.initializer if is_lowered_weight(t.name)}
+    readers = {n.op_type for n in graph.node for value in n.input if value in weights}
+    assert weights and readers == {"MatMul"}, readers
 
 
 def _run_ort(path: Path, x: Tensor) -> Tensor:
@@ -105,7 +110,7 @@ def test_export_onnx_of_the_layer_runs_sparse_routing_in_onnxruntime(grouping: s
     report = er.export_onnx(layer, (torch.randn(2, 8, 40),), tmp_path / "moe.onnx", moe_grouping=grouping)
     assert report.checked and report.max_abs_diff is not None and report.max_abs_diff < 1e-4
     assert not report.einsum_nodes
-    _check_sparse_graph(tmp_path / "moe.onnx", _groups(layer, grouping))
+    _check_sparse_graph(tmp_path / "moe.onnx", _groups(layer, grouping), layer.top_k if grouping == "set" else 1)
     for shape in ((3, 5, 40), (1, 1, 40)):  # dynamic batch and sequence, including one token
         x = torch.randn(*shape)
         with torch.no_grad():
