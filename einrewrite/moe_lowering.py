@@ -21,9 +21,10 @@ them (ecosystem-notes §4), which on a 2-core CPU runs at memory bandwidth. Two 
 In both, every expert gates where its activations are narrowest (input γα, intermediate γφ or output φε) and
 its second MatMul puts the tokens in the middle, ``(φ, m, ε)``: outputs concatenate along the token axis, one
 ``Gather`` on axis 1 moves whole ε rows back to token order (the inverse permutation is built by a ``ScatterND``
-whose indices are unique), and a single ``(φ, N, ε) -> (N, φ, ε)`` Transpose of ε-row blocks ends the layer. Token-major expert outputs would need a Transpose of single elements, which ORT's CPU kernel
-does slowly. No ``ScatterND(add)`` is used: ONNX leaves duplicate indices undefined and ORT's multi-threaded
-CPU kernel can race on them (microsoft/onnxruntime#18048), so the exported layer gives the same bits every run.
+whose indices are unique), and a single ``(φ, N, ε) -> (N, φ, ε)`` Transpose of ε-row blocks ends the layer.
+Token-major expert outputs would need a Transpose of single elements, which ORT's CPU kernel does slowly. No
+``ScatterND(add)`` is used: ONNX leaves duplicate indices undefined and ORT's multi-threaded CPU kernel can race
+on them (microsoft/onnxruntime#18048), so the exported layer gives the same bits every run.
 
 Measured on the 2-core development machine (ORT 1.32 CPU, 2 threads, fp32, 2048 tokens, random routers, one
 process, interleaved best of 30, a noisy day): grouping by expert pair instead of by expert took a 1024->4096
