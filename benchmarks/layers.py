@@ -106,7 +106,9 @@ def bench(d: int, tokens: int, repeats: int, budget_s: float | None) -> list[tup
         layer = EinsumLinear(spec)
         a_core, b_core = (c.detach().requires_grad_(True) for c in paper_cores(layer))
 
-        def reference(inp: Tensor, layer: EinsumLinear = layer, cores: tuple[Tensor, Tensor] = (a_core, b_core)) -> Tensor:
+        def reference(
+            inp: Tensor, layer: EinsumLinear = layer, cores: tuple[Tensor, Tensor] = (a_core, b_core)
+        ) -> Tensor:
             return reference_forward(inp, layer, cores)
 
         params = list(layer.parameters())

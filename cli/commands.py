@@ -42,7 +42,8 @@ def _config_options(fn: Any) -> Any:
         click.option("--exclude", "excludes", multiple=True,
                      help="Layers to leave dense; same forms as --target. Repeatable; checked first."),
         click.option("--init", type=click.Choice(["project", "mup"]), default=None,
-                     help="project: closest structured weight to the dense one (default); mup: fresh init for training."),
+                     help="project: closest structured weight to the dense one (default); "
+                          "mup: fresh init for training."),
         click.option("--min-features", type=click.IntRange(min=0), default=None,
                      help="Leave layers with min(d_in, d_out) below this dense (default 16)."),
         click.option("--mode", type=click.Choice(["auto", "module", "graph"]), default="auto", show_default=True,
@@ -131,7 +132,8 @@ def inspect_command(model: str, config_file: str | None, structure: str | None, 
 @click.option("--force", is_flag=True, help="Write into OUTPUT even if it is not empty.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--per-layer", is_flag=True, help="One table row per layer (default: repeated layers are merged).")
-@click.option("--no-verify", is_flag=True, help="Skip the liveness check (every replaced layer is on the forward path).")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the liveness check (every replaced layer is on the forward path).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
 def rewrite_command(model: str, config_file: str | None, structure: str | None, ratio: float | None,
                     macs_per_token: int | None, targets: tuple[str, ...], excludes: tuple[str, ...], init: str | None,

@@ -51,7 +51,8 @@ def _task(task: str, width: int | None, layers: int, steps: int, batch_size: int
 @click.option("--width", type=click.IntRange(min=1), default=None,
               help="Base width: d_model of the GPT (default 64) or d of the regression (default 32).")
 @click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True, help="GPT blocks (lm task).")
-@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Training steps per candidate.")
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Training steps per candidate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sequences per step.")
 @click.option("--block-size", type=click.IntRange(min=2), default=64, show_default=True, help="Context (lm task).")
 @click.option("--corpus-bytes", type=click.IntRange(min=10_000), default=1_000_000, show_default=True,

@@ -280,7 +280,8 @@ class Inspection:
             total = self.totals.get(name)
             lines.append(
                 f"  {name}: " + ("infeasible at this budget" if total is None else
-                                 f"{total:,} MACs/token for the targeted layers ({total / dense:.1%} of dense)" if dense else f"{total:,}")
+                                 f"{total:,} MACs/token for the targeted layers ({total / dense:.1%} of dense)"
+                                 if dense else f"{total:,}")
             )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
@@ -353,14 +354,18 @@ def inspect_model(
         if config.budget.is_global:
             try:
                 for choice in solve(requests, config.budget):
-                    costs[choice.fqn] = choice.spec.macs if choice.spec is not None else choice.skip[0]  # type: ignore[index]
+                    costs[choice.fqn] = (
+                        choice.spec.macs if choice.spec is not None else choice.skip[0]  # type: ignore[index]
+                    )
             except (BudgetInfeasibleError, StructureMismatchError):
                 costs = dict.fromkeys((r.fqn for r in requests), "infeasible")
         else:
             for req in requests:
                 try:
                     choice = solve_layer(req, config.budget.ratio)  # type: ignore[arg-type]
-                    costs[req.fqn] = choice.spec.macs if choice.spec is not None else choice.skip[0]  # type: ignore[index]
+                    costs[req.fqn] = (
+                        choice.spec.macs if choice.spec is not None else choice.skip[0]  # type: ignore[index]
+                    )
                 except BudgetInfeasibleError:
                     costs[req.fqn] = "infeasible"
                 except StructureMismatchError:
@@ -427,7 +432,9 @@ def save_pretrained(
     if path.exists() and not path.is_dir():
         raise SavedModelError(f"{path}: exists and is a file; choose a directory path")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise SavedModelError(f"{path}: directory exists and is not empty; pass overwrite=True (CLI: --force) to replace it")
+        raise SavedModelError(
+            f"{path}: directory exists and is not empty; pass overwrite=True (CLI: --force) to replace it"
+        )
     path.mkdir(parents=True, exist_ok=True)
     _atomic_write_bytes(path / WEIGHTS_FILE, lambda p: safetensors.torch.save_model(model, str(p)))
     hf_config = getattr(model, "config", None)
@@ -451,7 +458,8 @@ def save_pretrained(
         "report": report.to_dict(),
     }
     text = json.dumps(meta, indent=2, default=str)
-    _atomic_write_bytes(path / META_FILE, lambda p: p.write_text(text + "\n"))  # last: its presence marks a complete save
+    # last: its presence marks a complete save
+    _atomic_write_bytes(path / META_FILE, lambda p: p.write_text(text + "\n"))
     logger.info("einrewrite: saved %d replaced layers to %s", len(report.replaced), path)
     return path
 
@@ -460,7 +468,9 @@ def _save_inputs(path: Path, inputs: Inputs | None) -> dict[str, Any]:
     import safetensors.torch
 
     if inputs is None:
-        raise SavedModelError(f"{path}: a graph-path model needs its example inputs to be saved; rewrite() keeps them in the report")
+        raise SavedModelError(
+            f"{path}: a graph-path model needs its example inputs to be saved; rewrite() keeps them in the report"
+        )
     args, kwargs = inputs
     tensors: dict[str, torch.Tensor] = {}
     spec: dict[str, Any] = {"args": [], "kwargs": {}}
@@ -468,7 +478,10 @@ def _save_inputs(path: Path, inputs: Inputs | None) -> dict[str, Any]:
         spec["args"].append(_store(tensors, f"arg{i}", value, path))
     for key, value in kwargs.items():
         spec["kwargs"][key] = _store(tensors, f"kw.{key}", value, path)
-    _atomic_write_bytes(path / INPUTS_FILE, lambda p: safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
+    _atomic_write_bytes(
+        path / INPUTS_FILE,
+        lambda p: safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)),
+    )
     return {"file": INPUTS_FILE, **spec}
 
 
@@ -505,7 +518,9 @@ def read_meta(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(out_dir)
     if not path.is_dir():
-        raise SavedModelError(f"{path}: not a directory; give the directory einrewrite save_pretrained / rewrite -o wrote")
+        raise SavedModelError(
+            f"{path}: not a directory; give the directory einrewrite save_pretrained / rewrite -o wrote"
+        )
     meta_path = path / META_FILE
     if not meta_path.is_file():
         present = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
@@ -528,7 +543,9 @@ def read_meta(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
         if key not in meta:
             raise SavedModelError(f"{meta_path}: missing field {key!r}; save the model again")
     if not (path / meta["weights"]).is_file():
-        raise SavedModelError(f"{path}: weights file {meta['weights']} is missing; the directory is partial: save it again")
+        raise SavedModelError(
+            f"{path}: weights file {meta['weights']} is missing; the directory is partial: save it again"
+        )
     return meta
 
 
@@ -611,7 +628,9 @@ def load_pretrained(
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(path / meta["weights"]), strict=False)
     except (RuntimeError, ValueError, OSError) as e:
-        raise SavedModelError(f"{path}: the weights do not fit the rebuilt model: {str(e).splitlines()[0][:400]}") from None
+        raise SavedModelError(
+            f"{path}: the weights do not fit the rebuilt model: {str(e).splitlines()[0][:400]}"
+        ) from None
     if missing or unexpected:
         raise SavedModelError(
             f"{path}: the weights do not match the rebuilt model (missing: {sorted(missing)[:5]}, unexpected: "
@@ -726,7 +745,9 @@ def _build_hf(path: Path, class_path: str | None, *, weights: bool) -> nn.Module
     try:
         import transformers
     except ImportError:
-        raise ModelSourceError(f"{path}: a Hugging Face model directory needs transformers: pip install transformers") from None
+        raise ModelSourceError(
+            f"{path}: a Hugging Face model directory needs transformers: pip install transformers"
+        ) from None
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
@@ -778,7 +799,9 @@ def _call_factory(spec: str) -> tuple[nn.Module, Any]:
         raise EinrewriteError(f"{spec}: the factory raised {type(e).__name__}: {e}") from e
     model, inputs = (result if isinstance(result, tuple) and len(result) == 2 else (result, None))
     if not isinstance(model, nn.Module):
-        raise ModelSourceError(f"{spec}: the factory must return an nn.Module or (module, example_inputs), got {type(result).__name__}")
+        raise ModelSourceError(
+            f"{spec}: the factory must return an nn.Module or (module, example_inputs), got {type(result).__name__}"
+        )
     return model, inputs
 
 

@@ -59,7 +59,9 @@ def structure_from_dict(data: Any, where: str = "structure") -> Any:
     if isinstance(data, str):
         return _check_structure(data, where)
     if not isinstance(data, Mapping) or "structure" not in data:
-        raise ConfigError(f"{where}: expected a structure name or {{'structure': name, 'hyper': {{...}}}}, got {data!r}")
+        raise ConfigError(
+            f"{where}: expected a structure name or {{'structure': name, 'hyper': {{...}}}}, got {data!r}"
+        )
     name = data["structure"]
     _check_structure(name, where)
     hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(data.get("hyper") or {}).items()}
@@ -67,7 +69,9 @@ def structure_from_dict(data: Any, where: str = "structure") -> Any:
         return STRUCTURES[name](**hyper)
     except (TypeError, ValueError) as e:
         allowed = ", ".join(f.name for f in dataclasses.fields(STRUCTURES[name])) or "none"
-        raise ConfigError(f"{where}: structure {name!r} rejects hyper-parameters {hyper}: {e}; allowed: {allowed}") from None
+        raise ConfigError(
+            f"{where}: structure {name!r} rejects hyper-parameters {hyper}: {e}; allowed: {allowed}"
+        ) from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -371,7 +375,9 @@ class RewriteConfig:
                 "budget": self.budget._data(),
                 "target_modules": _jsonable(self.target_modules),
                 "exclude_modules": _jsonable(self.exclude_modules),
-                "filter_fn": None if fn is None else f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}",
+                "filter_fn": (
+                    None if fn is None else f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+                ),
                 "overrides": [[pattern, rule.to_data()] for pattern, rule in self.overrides],
                 "init": self.init,
                 "min_features": self.min_features,
@@ -395,7 +401,10 @@ class RewriteConfig:
             kwargs["structure"] = structure_from_dict(data["structure"], "RewriteConfig.structure")
         if "budget" in data:
             if not isinstance(data["budget"], Mapping):
-                raise ConfigError(f"RewriteConfig.budget: expected {{'ratio': ...}} or {{'macs_per_token': ...}}, got {data['budget']!r}")
+                raise ConfigError(
+                    f"RewriteConfig.budget: expected {{'ratio': ...}} or {{'macs_per_token': ...}}, "
+                    f"got {data['budget']!r}"
+                )
             kwargs["budget"] = FlopBudget._from_data(data["budget"])
         for key in ("target_modules", "exclude_modules"):
             if key in data:

@@ -97,7 +97,9 @@ class _Stage:
         def g(letters: str) -> str:
             return "".join(_GREEK[c] for c in letters) or "1"
 
-        act = f"({g(self.act_free)}×{g(self.contract)})" if self.act_left else f"({g(self.contract)}×{g(self.act_free)})"
+        act = (
+            f"({g(self.act_free)}×{g(self.contract)})" if self.act_left else f"({g(self.contract)}×{g(self.act_free)})"
+        )
         w = f"{self.weight}({g(self.contract)}×{g(self.weight_free)})" if self.act_left else (
             f"{self.weight}({g(self.weight_free)}×{g(self.contract)})"
         )

@@ -3,8 +3,8 @@
 Every machine with Python has this text, so language-model training needs no download. The corpus is read in
 a fixed order (top-level modules sorted by name, then packages, tests and site-packages left out) up to a byte
 cap, split into train and validation by 4,096-character chunks with a hash of (file path, chunk index), stable
-across runs and machines with the same Python, and encoded with a byte vocabulary (256 symbols) or a character vocabulary
-(the characters that occur, sorted).
+across runs and machines with the same Python, and encoded with a byte vocabulary (256 symbols) or a character
+vocabulary (the characters that occur, sorted).
 
 Batches are random contiguous windows drawn with an explicit ``torch.Generator``, so a run is reproducible and
 every process of a distributed run can draw the same global batch.

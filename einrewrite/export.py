@@ -119,7 +119,9 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     return names
 
 
-def onnxruntime_session(path: str | Path, providers: Sequence[str] | str | None = None, *, threads: int | None = None) -> Any:
+def onnxruntime_session(
+    path: str | Path, providers: Sequence[str] | str | None = None, *, threads: int | None = None
+) -> Any:
     """An ``InferenceSession`` with explicit providers and node-placement recording switched on."""
     import onnxruntime as ort
 
@@ -541,4 +543,6 @@ def _record_placement(session: Any, report: ExportReport, primary: str) -> None:
             report.fallback_nodes.extend(f"{n.op_type}:{n.name}" for n in nodes)
     report.placement = dict(counts)
     if report.fallback_nodes:
-        log.warning("%d nodes fell back from %s to CPU: %s", len(report.fallback_nodes), primary, report.fallback_nodes[:10])
+        log.warning(
+            "%d nodes fell back from %s to CPU: %s", len(report.fallback_nodes), primary, report.fallback_nodes[:10]
+        )

@@ -276,7 +276,9 @@ def build_gpt(
     if rewrite_config is not None:
         from .api import rewrite  # api imports the whole pipeline; keep gpt importable on its own
 
-        idx = torch.randint(0, config.vocab_size, (2, min(8, config.block_size)), generator=torch.Generator().manual_seed(seed))
+        idx = torch.randint(
+            0, config.vocab_size, (2, min(8, config.block_size)), generator=torch.Generator().manual_seed(seed)
+        )
         model, report = rewrite(model, rewrite_config, (idx,), progress=False)
         model.gpt_config = config
         if config.zero_init:

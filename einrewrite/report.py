@@ -269,7 +269,9 @@ class RewriteReport:
             "replaced_macs_after": sum(d.macs_after or 0 for d in rep),
             "model_params_before": self.model_params_before,
             "model_params_after": self.model_params_after,
-            "max_projection_error": max((d.projection_error for d in rep if d.projection_error is not None), default=None),
+            "max_projection_error": max(
+                (d.projection_error for d in rep if d.projection_error is not None), default=None
+            ),
         }
 
     def summary(self) -> str:
@@ -277,11 +279,18 @@ class RewriteReport:
         t = self.totals()
         lines = []
         if self.noop:
-            lines.append(f"nothing to do: the model is already rewritten ({t['skipped_by_reason'].get('already_structured', 0)} structured layers)")
+            lines.append(
+                "nothing to do: the model is already rewritten "
+                f"({t['skipped_by_reason'].get('already_structured', 0)} structured layers)"
+            )
         via = f" via the {self.path} path" if t["replaced"] else ""
         lines.append(
             f"replaced {t['replaced']} of {t['layers']} candidate layers{via}"
-            + (f"; skipped: {', '.join(f'{k} x{v}' for k, v in sorted(t['skipped_by_reason'].items()))}" if t["skipped"] else "")
+            + (
+                f"; skipped: {', '.join(f'{k} x{v}' for k, v in sorted(t['skipped_by_reason'].items()))}"
+                if t["skipped"]
+                else ""
+            )
         )
         lines.append(
             f"linear layers: params {_num(t['linear_params_before'])} -> {_num(t['linear_params_after'])}"
@@ -336,7 +345,8 @@ class RewriteReport:
                     d.shape,
                     what,
                     f"{_num(d.params_before)} -> {_num(d.params_after)}",
-                    f"{_num(d.macs_before)} -> {_num(d.macs_after)}{_pct(d.macs_after, d.macs_before) if d.replaced else ''}",
+                    f"{_num(d.macs_before)} -> {_num(d.macs_after)}"
+                    f"{_pct(d.macs_after, d.macs_before) if d.replaced else ''}",
                     f"{max(errors):.3f}" if errors else "-",
                     _path_text(d.contraction) if d.replaced else "-",
                     note,

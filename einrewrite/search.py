@@ -250,7 +250,9 @@ def taxonomy_filter(expression: str) -> Callable[[dict[str, float]], bool]:
     try:
         tree = ast.parse(expression, mode="eval")
     except SyntaxError as e:
-        raise SearchError(f"filter {expression!r} is not a valid expression ({e.msg}); e.g. 'omega == 0 and psi == 1'") from None
+        raise SearchError(
+            f"filter {expression!r} is not a valid expression ({e.msg}); e.g. 'omega == 0 and psi == 1'"
+        ) from None
     _check_node(tree.body, expression)
 
     def predicate(values: dict[str, float]) -> bool:
@@ -270,7 +272,9 @@ def _check_node(node: ast.AST, text: str) -> None:
             )
         if isinstance(child, ast.Name) and child.id not in TAXONOMY_NAMES:
             raise SearchError(f"filter {text!r}: unknown name {child.id!r}; allowed: {', '.join(TAXONOMY_NAMES)}")
-        if isinstance(child, ast.Constant) and (isinstance(child.value, bool) or not isinstance(child.value, (int, float))):
+        if isinstance(child, ast.Constant) and (
+            isinstance(child.value, bool) or not isinstance(child.value, (int, float))
+        ):
             raise SearchError(f"filter {text!r}: only numbers are allowed as constants, got {child.value!r}")
 
 
@@ -605,7 +609,9 @@ def _size(task: SearchTask, cand: Candidate, budget: int, seed: int) -> tuple[nn
             if f"width {width}" not in failed and (model := fitting(width)) is not None:
                 return model, width
     why = f" (e.g. {errors[-1]})" if errors else ""
-    raise SearchError(f"{cand.label}: no width in {min(task.widths)}..{max(task.widths)} fits {budget:,} MACs/token{why}")
+    raise SearchError(
+        f"{cand.label}: no width in {min(task.widths)}..{max(task.widths)} fits {budget:,} MACs/token{why}"
+    )
 
 
 def _spec_of(model: nn.Module) -> Any:

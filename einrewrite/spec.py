@@ -296,7 +296,10 @@ class EinsumSpec:
     def macs_by_order(self) -> dict[str, int]:
         """MACs per token when the input meets A first (``"xA"``) or B first (``"xB"``)."""
         a, b, g, d, e, f, r = self.sizes
-        return {"xA": a * b * g * d * f * r + b * g * d * e * f * r, "xB": a * b * g * e * f * r + a * g * d * e * f * r}
+        return {
+            "xA": a * b * g * d * f * r + b * g * d * e * f * r,
+            "xB": a * b * g * e * f * r + a * g * d * e * f * r,
+        }
 
     @property
     def dense_macs(self) -> int:

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             expected = rewritten(*example_inputs)
             got = reloaded(*example_inputs)
         same = torch.equal(expected, got)
-        print(f"reloaded outputs equal the rewritten ones: {same} (max |diff| {float((expected - got).abs().max()):.3g})")
+        print(
+            f"reloaded outputs equal the rewritten ones: {same} (max |diff| {float((expected - got).abs().max()):.3g})"
+        )
 
     print("\n== 6. generate with the rewritten model ==")
     prompt = example_inputs[0][:1, :4]

@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", action="append", default=None, help="run only structures whose label contains this")
     p.add_argument("--offset", choices=["none", "fit"], default="none", help="fit L = a·C^-b (none) or + c (fit)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with --quick, else torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 with --quick, else torch's)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs in parallel, one thread each (default: 2 on 2+ cores; 1 with --quick)")
     return p.parse_args(argv)
@@ -179,7 +180,9 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [row for _, _, (_, rows, _) in results for row in rows]
 
 
-def analyse(rows: list[dict[str, Any]], offset: str) -> tuple[dict[str, list[tuple[float, float]]], dict[str, PowerLaw | None]]:
+def analyse(
+    rows: list[dict[str, Any]], offset: str
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, PowerLaw | None]]:
     """Frontier and power law per structure; marks frontier rows in place."""
     frontiers: dict[str, list[tuple[float, float]]] = {}
     fits: dict[str, PowerLaw | None] = {}

@@ -24,10 +24,14 @@ def dense_weight(module: nn.Module, kind: str) -> Tensor:
     return weight.t() if kind == "Conv1D" else weight
 
 
-def structured_module(spec: object, weight: Tensor, bias: Tensor | None, *, init: str, like: nn.Module | None) -> nn.Module:
+def structured_module(
+    spec: object, weight: Tensor, bias: Tensor | None, *, init: str, like: nn.Module | None
+) -> nn.Module:
     """``spec.build(weight, bias, init=...)`` with the trainability and train/eval mode of the layer it replaces."""
     with torch.no_grad():
-        new = spec.build(weight.detach(), None if bias is None else bias.detach(), init=init)  # type: ignore[attr-defined]
+        new = spec.build(  # type: ignore[attr-defined]
+            weight.detach(), None if bias is None else bias.detach(), init=init
+        )
     trainable = weight.requires_grad
     for p in new.parameters():
         p.requires_grad_(trainable)

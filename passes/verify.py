@@ -81,7 +81,9 @@ def _factors(module: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in module.named_parameters() if n.rsplit(".", 1)[-1] != "bias" and p.is_floating_point()]
 
 
-def _suspects_by_gradient(model: nn.Module, fqns: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+def _suspects_by_gradient(
+    model: nn.Module, fqns: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[str]:
     """Layers whose factors get no gradient from a random projection of the outputs (one forward + backward).
 
     A nonzero gradient proves the output depends on the layer; a zero or missing one only makes it a suspect, to

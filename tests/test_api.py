@@ -254,7 +254,9 @@ def test_save_refuses_to_overwrite_and_load_rejects_bad_directories(tmp_path: Pa
 
     with pytest.raises(SavedModelError, match="cannot rebuild the base model .*pass base_model="):
         er.load_pretrained(out)
-    with pytest.raises(SavedModelError, match=r"down: saved as a Linear 768->101 but the base model has Linear 768->64"):
+    with pytest.raises(
+        SavedModelError, match=r"down: saved as a Linear 768->101 but the base model has Linear 768->64"
+    ):
         bad = OddSizes()
         bad.down = nn.Linear(768, 64)
         er.load_pretrained(out, base_model=bad)

@@ -67,7 +67,9 @@ def test_infeasible_message_names_layer_need_and_allowance() -> None:
 def test_fixed_structure_is_only_checked() -> None:
     req = LayerRequest("fc", 64, 64, LowRank(rank=64))
     assert solve_layer(req, 2.0).spec.hyper_dict == {"rank": 64}  # a ratio above 1 admits exact full rank
-    with pytest.raises(BudgetInfeasibleError, match=r"^fc: low_rank\(rank=64\).* needs 8,192 MACs/token .* allows 4,096"):
+    with pytest.raises(
+        BudgetInfeasibleError, match=r"^fc: low_rank\(rank=64\).* needs 8,192 MACs/token .* allows 4,096"
+    ):
         solve_layer(req, 1.0)
     with pytest.raises(StructureMismatchError, match=r"^fc: low_rank .* does not fit this 64->8 layer"):
         solve_layer(LayerRequest("fc", 64, 8, LowRank(rank=9)), 1.0)

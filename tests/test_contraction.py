@@ -148,7 +148,9 @@ def test_feature_major_inputs_and_chained_layers(name: str) -> None:
     expected = torch.nn.functional.linear(h, second.to_dense(), second.bias)
     torch.testing.assert_close(second(h), expected)
     torch.testing.assert_close(second(feature_major), expected)
-    torch.testing.assert_close(second(x[:, ::2].repeat(1, 2)[:, :48]), second(x[:, ::2].repeat(1, 2)[:, :48].contiguous()))
+    torch.testing.assert_close(
+        second(x[:, ::2].repeat(1, 2)[:, :48]), second(x[:, ::2].repeat(1, 2)[:, :48].contiguous())
+    )
 
 
 def test_one_token_and_empty_batches() -> None:
@@ -180,7 +182,9 @@ def test_bf16_autocast_trains(name: str) -> None:
         y = layer(x)
     assert y.dtype == torch.bfloat16
     y.float().square().sum().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in layer.parameters())
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in layer.parameters()
+    )
     torch.testing.assert_close(y.float(), layer(x), rtol=5e-2, atol=5e-2)
 
 

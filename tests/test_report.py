@@ -14,7 +14,8 @@ def _report() -> RewriteReport:
     layers = [
         Decision(fqn=f"h.{i}.mlp.c_fc", kind="Conv1D", status="replaced", path="module", d_in=64, d_out=256,
                  structure="btt", hyper={"rank": 1, "in_split": 0.5, "out_split": 0.5}, params_before=16384,
-                 params_after=3072, macs_before=16384, macs_after=3072, budget_macs=4096, projection_error=0.8 + i / 100)
+                 params_after=3072, macs_before=16384, macs_after=3072, budget_macs=4096,
+                 projection_error=0.8 + i / 100)
         for i in range(3)
     ]
     layers.append(Decision(fqn="lm_head", kind="Linear", status="skipped", reason="tied_weight",

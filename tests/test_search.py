@@ -83,7 +83,9 @@ def regression_run() -> tuple[object, RegressionTask]:
     return search(task, cands, flops_ratio=1.0, progress=False), task
 
 
-def test_search_ranks_a_structure_that_cannot_fit_below_one_that_can(regression_run) -> None:  # type: ignore[no-untyped-def]
+def test_search_ranks_a_structure_that_cannot_fit_below_one_that_can(  # type: ignore[no-untyped-def]
+    regression_run,
+) -> None:
     result, _ = regression_run
     ranked = [r.candidate for r in result.ranked()]
     rows = {r.candidate: r for r in result.rows}
@@ -111,7 +113,10 @@ def test_filter_resume_and_csv(tmp_path: Path) -> None:
     assert statuses["dense"] == "ok"
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(first.rows) and {"theta", "omega", "psi", "nu", "params", "macs", "val_loss"} <= set(rows[0])
+    assert (
+        len(rows) == len(first.rows)
+        and {"theta", "omega", "psi", "nu", "params", "macs", "val_loss"} <= set(rows[0])
+    )
     again: list[str] = []
     second = search(task, named=["dense", "low_rank"], paper=True, where="omega == 0 and psi == 1",
                     flops_ratio=1.0, csv_path=path, progress=False, on_row=lambda r: again.append(r.candidate))

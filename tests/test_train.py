@@ -98,7 +98,9 @@ def test_dense_model_checkpoint_and_macs(corpus, tmp_path: Path) -> None:  # typ
 def test_config_errors(corpus) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(TrainConfigError, match=r"TrainConfig.steps must be an integer >= 1, got 0"):
         TrainConfig(steps=0)
-    with pytest.raises(TrainConfigError, match="does not split into 1 processes x 3 micro-batches; use a multiple of 3"):
+    with pytest.raises(
+        TrainConfigError, match="does not split into 1 processes x 3 micro-batches; use a multiple of 3"
+    ):
         train(GPT(SMALL), corpus, TrainConfig(steps=1, batch_size=4, block_size=16, grad_accum=3))
     with pytest.raises(TrainConfigError, match="exceeds the model's block_size = 16"):
         train(GPT(SMALL), corpus, TrainConfig(steps=1, batch_size=4, block_size=32))

@@ -31,7 +31,9 @@ def test_cli_search_lm_table_csv_and_resume(tmp_path: Path) -> None:
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["candidate"] for r in rows} == {"dense", "btt", "θ=(.5|.5|0|.5|.5|0|0)"}
-    assert all(r["status"] == "ok" and float(r["val_loss"]) > 0 and int(r["macs"]) <= int(r["budget_macs"]) for r in rows)
+    assert all(
+        r["status"] == "ok" and float(r["val_loss"]) > 0 and int(r["macs"]) <= int(r["budget_macs"]) for r in rows
+    )
     again = CliRunner().invoke(main, [*LM, "-o", str(out)])
     assert again.exit_code == 0, again.output
     assert "resumed 3 candidates" in again.output
