@@ -44,7 +44,8 @@ def _parse_tokens(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--moe-grouping", type=click.Choice(["auto", "set", "expert"]), default="auto", show_default=True,
               help="BTT-MoE token groups: by expert set (wide layers, many tokens) or by expert (narrow layers, "
-                   "decoding); auto picks per layer by width.")
+                   "decoding); auto picks per layer by width and, on wide layers, by token count when the model "
+                   "runs.")
 @click.option("--optimize/--no-optimize", default=None,
               help="Run the exporter's full ONNX graph optimizer, or none of it [default: full on graphs of at "
                    f"most {OPTIMIZE_MAX_NODES} nodes, only constant folding on larger ones, where it is slow].")

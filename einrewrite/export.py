@@ -12,6 +12,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -28,7 +29,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .errors import ExportError
 from .external_ops import known_translations
 from .lowering import is_lowered_weight, onnx_lowering
-from .moe_lowering import ONNX_TRANSLATIONS, MoEGrouping, check_grouping
+from .moe import BTTMoELinear
+from .moe_lowering import ONNX_TRANSLATIONS, MoEGrouping, check_grouping, grouped_by_set
 
 __all__ = [
     "OPTIMIZE_MAX_NODES",
@@ -68,6 +70,8 @@ class ExportReport:
     max_abs_diff: float | None = None
     atol: float | None = None
     rtol: float | None = None
+    checked_shapes: list[list[int]] = field(default_factory=list)  # first input's shape in each parity run
+    unchecked: str | None = None  # what the parity check could not run, and why
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -86,9 +90,13 @@ class ExportReport:
         if self.fallback_nodes:
             lines.append(f"WARNING: {len(self.fallback_nodes)} nodes fell back to CPU: {self.fallback_nodes[:10]}")
         if self.checked:
+            shapes = ", ".join(str(tuple(shape)) for shape in self.checked_shapes)
             lines.append(
                 f"parity with PyTorch: max |diff| = {self.max_abs_diff:.3g} (atol {self.atol:g}, rtol {self.rtol:g})"
+                + (f" on inputs {shapes}" if shapes else "")
             )
+        if self.unchecked:
+            lines.append(f"WARNING: not checked: {self.unchecked}")
         return "\n".join(lines)
 
 
@@ -171,9 +179,11 @@ def export_onnx(
         rtol: override the relative parity tolerance.
         opset: ONNX opset (default: the exporter's).
         moe_grouping: how BTT-MoE layers group tokens (:mod:`einrewrite.moe_lowering`): ``"set"`` by the set of
-            experts a token picked (one MatMul pair per set; less activation traffic, more nodes: faster on
-            wide layers and many tokens), ``"expert"`` by expert (fewer nodes: faster for narrow layers and
-            decoding), ``"auto"`` (default) by set for layers with ``d_in + 2·d_out >= 3072``.
+            experts a token picked (each input gathered once, each output written once; less activation
+            traffic, more nodes: faster on wide layers and many tokens), ``"expert"`` by expert (fewer nodes:
+            faster for narrow layers and decoding), ``"auto"`` (default) by expert on layers with
+            ``d_in + 2·d_out < 3072`` and, on wider ones, an ``If`` on the token count that groups by set from
+            1024 tokens on and by expert below.
         optimize: ``True``: run onnxscript's full graph optimizer (constant folding, rewrite rules, CSE) on the
             exported graph; ``False``: none of it. ``None`` (default): the full optimizer on graphs of at most
             :data:`OPTIMIZE_MAX_NODES` nodes, only its constant folding on larger ones. One of its rewrite rules
@@ -242,7 +252,11 @@ def export_onnx(
         default_atol, default_rtol = _TOLERANCES[dtype]
         report.atol = default_atol if atol is None else atol
         report.rtol = default_rtol if rtol is None else rtol
-        _check_with_onnxruntime(work, args, kwargs, report, names)
+        session = _check_with_onnxruntime(work, args, kwargs, report, names)
+        switched = [m for m in work.modules() if isinstance(m, BTTMoELinear) and moe_grouping == "auto"
+                    and grouped_by_set(m, moe_grouping) is not None]
+        if switched:
+            _check_by_set_branch(session, work, args, kwargs, report, switched)
     log.info("%s", report.summary())
     return report
 
@@ -453,9 +467,14 @@ def warnings_silenced() -> Any:
 
 
 def _all_nodes(proto: Any) -> list[Any]:
-    nodes = list(proto.graph.node)
-    for function in proto.functions:
-        nodes.extend(function.node)
+    """Every node of the model: its graph's, its functions' and those of the branches of control-flow nodes (the
+    ``If`` choosing a BTT-MoE layer's grouping by token count)."""
+    graphs, nodes = [proto.graph, *proto.functions], []
+    while graphs:
+        for node in graphs.pop().node:
+            nodes.append(node)
+            for attribute in node.attribute:
+                graphs.extend([attribute.g] if attribute.HasField("g") else attribute.graphs)
     return nodes
 
 
@@ -466,7 +485,9 @@ def _node_label(node: Any) -> str:
 
 def _check_with_onnxruntime(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], report: ExportReport, providers: list[str]
-) -> None:
+) -> Any:
+    """Run the export in ONNX Runtime on the example and compare with PyTorch; record it in ``report``. Returns
+    the session."""
     session = onnxruntime_session(report.path, providers)
     report.providers_requested = providers
     report.providers_used = list(session.get_providers())
@@ -476,10 +497,66 @@ def _check_with_onnxruntime(
             "check the CUDA/cuDNN installation or choose --provider cpu"
         )
     _record_placement(session, report, providers[0])
+    report.max_abs_diff = _compare(session, model, args, kwargs, report)
+    report.checked = True
+    return session
+
+
+def _check_by_set_branch(
+    session: Any,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    report: ExportReport,
+    layers: list[BTTMoELinear],
+) -> None:
+    """Check again with the example's batch repeated until every BTT-MoE layer exported with ``"auto"`` grouping
+    gets :data:`~einrewrite.moe_lowering.MIN_SET_TOKENS` tokens, so that the branch of their ``If`` that groups by
+    expert set runs too. A model that cannot run the larger batch is reported in ``report.unchecked``."""
+    from . import moe_lowering
+
+    tokens: list[int] = []
+    hooks = [layer.register_forward_pre_hook(lambda _m, inp: tokens.append(inp[0].numel() // inp[0].shape[-1]))
+             for layer in layers]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if min(tokens) >= moe_lowering.MIN_SET_TOKENS:
+        return  # the example already ran that branch
+    times = math.ceil(moe_lowering.MIN_SET_TOKENS / max(1, min(tokens)))
+    big_args, big_kwargs = tree_map(
+        lambda t: t.repeat(times, *[1] * (t.dim() - 1)) if isinstance(t, Tensor) and t.dim() else t, (args, kwargs)
+    )
+    try:
+        worst = _compare(session, model, big_args, big_kwargs, report)
+    except ExportError as e:
+        if "differs from PyTorch" in str(e):
+            raise
+        report.unchecked = f"BTT-MoE grouping by expert set (the example repeated {times}x: {e})"
+    except Exception as e:  # a model that cannot take the larger batch
+        report.unchecked = f"BTT-MoE grouping by expert set (the example repeated {times}x: {_first_line(e)})"
+    else:
+        report.max_abs_diff = max(report.max_abs_diff or 0.0, worst)
+    if report.unchecked:
+        log.warning("%s: %s", report.path, report.unchecked)
+
+
+def _compare(
+    session: Any, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], report: ExportReport
+) -> float:
+    """Max |ORT - PyTorch| over the outputs on one input, recorded in ``report.checked_shapes``.
+
+    Raises:
+        ExportError: the outputs differ beyond the report's tolerances, or do not match in number or shape.
+    """
     feeds = _feeds(session, args, kwargs)
     with torch.no_grad():
         expected = [t.detach().float().numpy() for t in tree_leaves(model(*args, **kwargs)) if isinstance(t, Tensor)]
     got = session.run(None, feeds)
+    report.checked_shapes.append(list(next(iter(feeds.values())).shape))
     if len(got) != len(expected):
         raise ExportError(f"ONNX model {report.path} has {len(got)} outputs but PyTorch returned {len(expected)}")
     worst = 0.0
@@ -504,8 +581,7 @@ def _check_with_onnxruntime(
                 f"ONNX Runtime output {i} of {report.path} differs from PyTorch: max |diff| = {float(diff.max()):.3g} "
                 f"> atol {report.atol:g} + rtol {report.rtol:g}·|expected| ({report.dtype}); {verdict}"
             )
-    report.checked = True
-    report.max_abs_diff = worst
+    return worst
 
 
 def _float64_deviation(

@@ -57,6 +57,7 @@ from .moe import BTTMoELinear, inverse_permutation, route
 
 __all__ = [
     "MAX_EXPERT_SETS",
+    "MIN_SET_TOKENS",
     "MIN_SET_WIDTH",
     "MoEGrouping",
     "ONNX_TRANSLATIONS",
@@ -77,8 +78,13 @@ MAX_EXPERT_SETS = 32  # C(E, k) up to this: group tokens by expert set (E=8, k=2
 # token count, its extra nodes cost a fixed ~0.6 µs each per run. Measured (ORT CPU, 2 threads): a GPT at
 # d=1024 ran 2048 tokens faster by set; examples/tiny_gpt (d=64) ran 1, 64 and 512 tokens faster by expert.
 MIN_SET_WIDTH = 3072
+# ... and only from this many tokens on, chosen when the model runs (an ONNX If on the token count). Measured on
+# the d=1024 benchmark GPT (ORT CPU, 2 threads, best of 8, two runs): by set / by expert 52 / 27 and 43 / 29 ms
+# at 16 tokens, 136 / 109 and 109 / 88 at 256, 164 / 162 and 150 / 137 at 512, 294 / 312 and 286 / 299 at 1024:
+# with few tokens most sets hold one token or none, and their nodes cost more than the traffic they save.
+MIN_SET_TOKENS = 1024
 _WEIGHTS = "_onnx_lowered_weights"  # attribute listing the buffers a lowered layer reads
-_SETS = "_onnx_lowered_sets"  # attribute holding the expert sets, when grouped by set
+_SETS = "_onnx_lowered_sets"  # attribute holding the expert sets (None: by expert) and whether N decides
 
 
 def expert_sets(num_experts: int, top_k: int) -> list[tuple[int, ...]] | None:
@@ -105,11 +111,13 @@ def check_grouping(grouping: str) -> None:
 
 
 def grouped_by_set(layer: BTTMoELinear, grouping: MoEGrouping = "auto") -> list[tuple[int, ...]] | None:
-    """The expert sets ``layer`` exports with under ``grouping``, or None when it groups by expert.
+    """The expert sets ``layer`` can export with under ``grouping``, or None when it groups by expert.
 
     ``"expert"``: always by expert. ``"set"``: by set wherever there are at most :data:`MAX_EXPERT_SETS`.
     ``"auto"``: as ``"set"`` for layers with ``d_in + 2·d_out >= MIN_SET_WIDTH``, by expert for narrower ones,
-    where the set grouping's extra nodes cost more than the traffic it saves.
+    where the set grouping's extra nodes cost more than the traffic it saves; a layer with sets then still
+    groups by expert at run time when it gets fewer than :data:`MIN_SET_TOKENS` tokens
+    (:func:`lowered_moe_forward`).
     """
     check_grouping(grouping)
     if grouping == "expert":
@@ -120,13 +128,13 @@ def grouped_by_set(layer: BTTMoELinear, grouping: MoEGrouping = "auto") -> list[
 
 
 def export_weights(layer: BTTMoELinear) -> list[Tensor]:
-    """The weights the lowered forward reads (detached, contiguous), the same in either grouping.
+    """The weights the lowered forward reads (detached, contiguous copies), the same in either grouping.
 
     Each expert once, in the layout its MatMuls read: ``A_i (γ, φ, α)`` for every expert, then ``B_iᵀ (φ, γ, ε)``.
     """
     a_cores = layer.A.detach().unbind(0)  # A_i (γ, φ, α)
     b_cores = layer.B.detach().transpose(-1, -2).unbind(0)  # B_iᵀ (φ, γ, ε)
-    return [w.contiguous() for w in (*a_cores, *b_cores)]
+    return [w.clone(memory_format=torch.contiguous_format) for w in (*a_cores, *b_cores)]  # not views of A, B
 
 
 def attach_weights(layer: nn.Module, prefix: str, weights: Sequence[Tensor]) -> None:
@@ -155,16 +163,20 @@ def detach_weights(layer: nn.Module) -> None:
 
 
 def attach_moe_weights(layer: BTTMoELinear, prefix: str, grouping: MoEGrouping = "auto") -> None:
-    """:func:`attach_weights` of :func:`export_weights`, with the expert sets to group by (None: by expert)."""
+    """:func:`attach_weights` of :func:`export_weights`, with the expert sets to group by (None: by expert) and
+    whether the token count chooses between the groupings (``"auto"``)."""
     attach_weights(layer, prefix, export_weights(layer))
-    setattr(layer, _SETS, grouped_by_set(layer, grouping))
+    setattr(layer, _SETS, (grouped_by_set(layer, grouping), grouping == "auto"))
 
 
 def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = "auto") -> Tensor:
     """A BTT-MoE layer's sparse forward for ONNX Runtime (grouped by expert set or by expert, see the module).
 
     Weights attached by :func:`attach_moe_weights` are used when present (with the grouping they were attached
-    for), otherwise they are arranged here for ``grouping``.
+    for), otherwise they are arranged here for ``grouping``. Under ``"auto"``, a layer that can group by set
+    does so only for at least :data:`MIN_SET_TOKENS` tokens: a ``torch.cond`` on the token count, which exports
+    as an ONNX ``If`` holding both groupings (they read the same weights), so one export serves decoding and
+    large batches.
 
     Args:
         layer: a :class:`~einrewrite.moe.BTTMoELinear`.
@@ -182,9 +194,9 @@ def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = 
     """
     attached = attached_weights(layer)
     if attached:
-        weights, sets = attached, getattr(layer, _SETS)
+        weights, (sets, by_tokens) = attached, getattr(layer, _SETS)
     else:
-        weights, sets = export_weights(layer), grouped_by_set(layer, grouping)
+        weights, sets, by_tokens = export_weights(layer), grouped_by_set(layer, grouping), grouping == "auto"
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)  # (N, d_in)
     if x2.dtype != weights[0].dtype:
@@ -194,15 +206,30 @@ def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = 
     pad = layer.spec.sizes.in_size - layer.in_features
     xp = F.pad(x2, (0, pad)) if pad else x2  # (N, γα)
     a, _, g, _, e, f, r = layer.spec.sizes
+    x3 = xp.reshape(-1, g, a)  # (N, γ, α): reshaped out here, where ORT's Reshape copies nothing
     sizes = [a, g, f, e, r, layer.top_k]
+    flat_index, flat_gates = index.reshape(-1), gates.reshape(-1)  # (N·k,) each
     if sets is None:
-        out = torch.ops.einrewrite.moe_by_expert(xp, index.reshape(-1), gates.reshape(-1), weights, sizes)
+        out = torch.ops.einrewrite.moe_by_expert(x3, flat_index, flat_gates, weights, sizes)  # (N, φ, ε)
     else:
         bits = torch.tensor([1 << i for i in range(r)], device=index.device)  # (E,) one bit per expert
         code = bits[index].sum(1)  # (N,): the token's expert set as a bit mask (its k ids are distinct)
         table = torch.zeros(index.shape[0], r, dtype=gates.dtype, device=gates.device).scatter(1, index, gates)
         members = [i for s in sets for i in s]  # (sets·k,) flattened
-        out = torch.ops.einrewrite.moe_by_expert_set(xp, code, table, weights, members, sizes)  # (N, φε)
+
+        def by_set(x3: Tensor, code: Tensor, table: Tensor, _i: Tensor, _g: Tensor, *weights: Tensor) -> Tensor:
+            return torch.ops.einrewrite.moe_by_expert_set(x3, code, table, list(weights), members, sizes)
+
+        def by_expert(x3: Tensor, _c: Tensor, _t: Tensor, index: Tensor, gates: Tensor, *weights: Tensor) -> Tensor:
+            return torch.ops.einrewrite.moe_by_expert(x3, index, gates, list(weights), sizes)
+
+        # The branches take the same operands; no two may alias one another (export_weights copies the cores).
+        operands = (x3, code, table, flat_index, flat_gates, *weights)
+        if by_tokens:
+            out = torch.cond(x3.shape[0] >= MIN_SET_TOKENS, by_set, by_expert, operands)  # (N, φ, ε)
+        else:
+            out = by_set(*operands)  # (N, φ, ε)
+    out = out.reshape(-1, f * e)  # (N, φε): after the op, where ORT's Reshape copies nothing
     y = out[:, : layer.out_features] if f * e != layer.out_features else out  # (N, d_out)
     y = y.reshape(*lead, layer.out_features)  # (..., d_out)
     return y if layer.bias is None else y + layer.bias.to(y.dtype)
@@ -213,54 +240,54 @@ def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = 
 def _moe_by_expert_set(
     x: Tensor, code: Tensor, table: Tensor, weights: list[Tensor], members: list[int], sizes: list[int]
 ) -> Tensor:
-    """Per expert set: its tokens (``code`` equal to the set's bit mask) gathered once, each of its k experts run
-    on them with its gate from ``table`` (N, E), the k outputs added; the outputs back in token order: (N, φε)."""
+    """Per expert set: its tokens (``code`` equal to the set's bit mask) gathered once from ``x`` (N, γ, α), each
+    of its k experts run on them with its gate from ``table`` (N, E), the k outputs added; the outputs back in
+    token order: (N, φ, ε)."""
     a, g, f, e, r, k = sizes
     n = x.shape[0]
     gate_at = _gate_position(sizes)
-    x3 = x.reshape(n, g, a)  # (N, γ, α)
     outs, groups = [], []
     for ids, bits in _set_codes(members, k):
         tokens = torch.nonzero(code == bits).reshape(-1)  # (m,) tokens of this set
-        xs = x3.index_select(0, tokens)  # (m, γ, α)
+        xs = x.index_select(0, tokens)  # (m, γ, α)
         gates = table.index_select(0, tokens)  # (m, E)
         ys = [_expert(xs, gates[:, i], weights[i], weights[r + i], gate_at) for i in ids]  # k x (φ, m, ε)
         outs.append(functools.reduce(torch.add, ys))  # (φ, m, ε): the k gated experts summed
         groups.append(tokens)
     ys = torch.cat(outs, dim=1)  # (φ, N, ε) grouped by set
     ys = ys.index_select(1, inverse_permutation(torch.cat(groups)))  # (φ, N, ε) in token order
-    return ys.permute(1, 0, 2).reshape(n, f * e)  # (N, φ, ε) -> (N, φε)
+    return ys.permute(1, 0, 2).contiguous()  # (N, φ, ε)
 
 
 @_moe_by_expert_set.register_fake
 def _(x: Tensor, code: Tensor, table: Tensor, weights: list[Tensor], members: list[int], sizes: list[int]) -> Tensor:
-    return x.new_empty(x.shape[0], sizes[2] * sizes[3])  # (N, φε)
+    return x.new_empty(x.shape[0], sizes[2], sizes[3])  # (N, φ, ε)
 
 
 @torch.library.custom_op("einrewrite::moe_by_expert", mutates_args=())
 def _moe_by_expert(x: Tensor, index: Tensor, gates: Tensor, weights: list[Tensor], sizes: list[int]) -> Tensor:
-    """Per expert: the (token, slot) pairs routed to it (``index``, ``gates``: (N·k,) each), gated on the
-    narrowest of input, intermediate and output; the k slots summed in token order: (N, φε)."""
+    """Per expert: the (token, slot) pairs routed to it (``index``, ``gates``: (N·k,) each), their tokens from
+    ``x`` (N, γ, α), gated on the narrowest of input, intermediate and output; the k slots summed in token order:
+    (N, φ, ε)."""
     a, g, f, e, r, k = sizes
     n = x.shape[0]
     gate_at = _gate_position(sizes)
-    x3 = x.reshape(n, g, a)  # (N, γ, α)
     outs, groups = [], []
     for i in range(r):
         pairs = torch.nonzero(index == i).reshape(-1)  # (m,) pairs routed to expert i
-        xs = x3.index_select(0, torch.div(pairs, k, rounding_mode="floor"))  # (m, γ, α) their tokens
+        xs = x.index_select(0, torch.div(pairs, k, rounding_mode="floor"))  # (m, γ, α) their tokens
         outs.append(_expert(xs, gates.index_select(0, pairs), weights[i], weights[r + i], gate_at))  # (φ, m, ε)
         groups.append(pairs)
     ys = torch.cat(outs, dim=1)  # (φ, N·k, ε) grouped by expert
     position = inverse_permutation(torch.cat(groups))  # (N·k,) where each (token, slot) pair landed
     slot_major = position.reshape(n, k).t().reshape(-1)  # (k·N,): slot s of token t at s·N + t
     ys = ys.index_select(1, slot_major).reshape(f, k, n, e).sum(1)  # (φ, k, N, ε) -> (φ, N, ε)
-    return ys.permute(1, 0, 2).reshape(n, f * e)  # (N, φ, ε) -> (N, φε)
+    return ys.permute(1, 0, 2).contiguous()  # (N, φ, ε)
 
 
 @_moe_by_expert.register_fake
 def _(x: Tensor, index: Tensor, gates: Tensor, weights: list[Tensor], sizes: list[int]) -> Tensor:
-    return x.new_empty(x.shape[0], sizes[2] * sizes[3])  # (N, φε)
+    return x.new_empty(x.shape[0], sizes[2], sizes[3])  # (N, φ, ε)
 
 
 def _set_codes(members: Sequence[int], k: int) -> list[tuple[list[int], int]]:
@@ -330,13 +357,12 @@ def _onnx_by_expert_set(
     a, g, f, e, r, k = sizes
     gate_at = _gate_position(sizes)
     shape, token_axis = _GATE_SHAPES[gate_at]
-    x3 = op.Reshape(x, _ints(-1, g, a))  # (N, γ, α)
     by_expert = op.Reshape(op.Transpose(table, perm=[1, 0]), _ints(r, *shape))  # (E, gate shape with N)
     outs, groups = [], []
     for ids, bits in _set_codes(members, k):
         tokens = op.Reshape(op.NonZero(op.Equal(code, op.Constant(value_int=bits))), _ints(-1))  # (m,)
         gates = op.Gather(by_expert, tokens, axis=1 + token_axis)  # (E, gate shape with m)
-        xs = op.Gather(x3, tokens, axis=0)  # (m, γ, α) gathered once for the k experts
+        xs = op.Gather(x, tokens, axis=0)  # (m, γ, α) gathered once for the k experts
         ys = [
             _onnx_expert(xs, op.Gather(gates, op.Constant(value_int=i), axis=0), weights[i], weights[r + i], gate_at)
             for i in ids
@@ -344,7 +370,7 @@ def _onnx_by_expert_set(
         outs.append(functools.reduce(op.Add, ys))  # (φ, m, ε): the k gated experts summed
         groups.append(tokens)
     ys = op.Gather(op.Concat(*outs, axis=1), _onnx_inverse(op.Concat(*groups, axis=0)), axis=1)  # (φ, N, ε)
-    return op.Reshape(op.Transpose(ys, perm=[1, 0, 2]), _ints(-1, f * e))  # (N, φε)
+    return op.Transpose(ys, perm=[1, 0, 2])  # (N, φ, ε)
 
 
 def _onnx_by_expert(x: Any, index: Any, gates: Any, weights: Sequence[Any], sizes: Sequence[int]) -> Any:
@@ -353,19 +379,19 @@ def _onnx_by_expert(x: Any, index: Any, gates: Any, weights: Sequence[Any], size
     a, g, f, e, r, k = sizes
     gate_at = _gate_position(sizes)
     gate_shape = _ints(*_GATE_SHAPES[gate_at][0])
-    x3, slots = op.Reshape(x, _ints(-1, g, a)), op.Constant(value_int=k)  # (N, γ, α)
+    slots = op.Constant(value_int=k)
     outs, groups = [], []
     for i in range(r):
         pairs = op.Reshape(op.NonZero(op.Equal(index, op.Constant(value_int=i))), _ints(-1))  # (m,)
         gate = op.Reshape(op.Gather(gates, pairs, axis=0), gate_shape)  # (m, 1, 1), (m,) or (1, m, 1)
-        xs = op.Gather(x3, op.Div(pairs, slots), axis=0)  # (m, γ, α): integer division
+        xs = op.Gather(x, op.Div(pairs, slots), axis=0)  # (m, γ, α): integer division
         outs.append(_onnx_expert(xs, gate, weights[i], weights[r + i], gate_at))  # (φ, m, ε)
         groups.append(pairs)
     inverse = op.Reshape(_onnx_inverse(op.Concat(*groups, axis=0)), _ints(-1, k))  # (N, k)
     slot_major = op.Reshape(op.Transpose(inverse, perm=[1, 0]), _ints(-1))  # (k·N,)
     ys = op.Gather(op.Concat(*outs, axis=1), slot_major, axis=1)  # (φ, k·N, ε)
     ys = op.ReduceSum(op.Reshape(ys, _ints(f, k, -1, e)), _ints(1), keepdims=0)  # (φ, N, ε)
-    return op.Reshape(op.Transpose(ys, perm=[1, 0, 2]), _ints(-1, f * e))  # (N, φε)
+    return op.Transpose(ys, perm=[1, 0, 2])  # (N, φ, ε)
 
 
 ONNX_TRANSLATIONS: dict[Any, Callable[..., Any]] = {

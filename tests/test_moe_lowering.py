@@ -3,7 +3,9 @@ Runtime, give the same bits on every run and keep dynamic shapes."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 
 import einrewrite as er
 from einrewrite.errors import ExportError
+from einrewrite import moe_lowering
 from einrewrite.lowering import is_lowered_weight
 from einrewrite.moe import BTTMoELinear
 from einrewrite.moe_lowering import MIN_SET_WIDTH, expert_sets, grouped_by_set, lowered_moe_forward
@@ -44,6 +47,69 @@ def test_auto_groups_by_set_only_wide_layers_and_bad_groupings_raise(tmp_path: P
         er.export_onnx(narrow, (torch.randn(4, 64),), tmp_path / "m.onnx", **bad)  # type: ignore[arg-type]
     with pytest.raises(ExportError, match="got 'pairs'"):  # the same check when the layer is lowered directly
         lowered_moe_forward(narrow, torch.randn(4, 64), "pairs")  # type: ignore[arg-type]
+
+
+def _kernels_run(path: Path, x: Tensor) -> Counter[str]:
+    """Op types of the kernels ONNX Runtime ran on ``x``, those inside an ``If``'s branch included (its profile)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    return Counter(e["args"]["op_name"] for e in kernels)
+
+
+def test_auto_on_a_wide_layer_chooses_the_grouping_by_token_count_when_the_model_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(moe_lowering, "MIN_SET_WIDTH", 0)  # this small layer counts as wide
+    monkeypatch.setattr(moe_lowering, "MIN_SET_TOKENS", 32)
+    layer = moe_layer(64, 96, experts=8, seed=5).eval()
+    path = tmp_path / "moe.onnx"
+    report = er.export_onnx(layer, (torch.randn(2, 8, 64),), path)
+    # one If holding both groupings: a NonZero per expert (8) and per expert set (28) in its branches
+    assert report.checked and report.op_counts["If"] == 1 and report.op_counts["NonZero"] == 8 + 28
+    # the parity check also ran the by-set branch: the example's 16 tokens repeated to 32
+    assert report.checked_shapes == [[2, 8, 64], [4, 8, 64]] and report.unchecked is None
+    for tokens, groups in ((31, 8), (32, 28), (200, 28)):  # by expert below 32 tokens, by set from 32 on
+        x = torch.randn(1, tokens, 64)
+        assert _kernels_run(path, x)["NonZero"] == groups
+        with torch.no_grad():
+            torch.testing.assert_close(_run_ort(path, x), layer(x), rtol=1e-4, atol=1e-4)
+
+
+class _RefusingSession:
+    """An ONNX Runtime session stand-in that fails every run (e.g. a batch too large for the machine)."""
+
+    def __init__(self, session: object) -> None:
+        self.session = session
+
+    def get_inputs(self) -> object:
+        return self.session.get_inputs()  # type: ignore[attr-defined]
+
+    def run(self, *_: object) -> object:
+        raise RuntimeError("Failed to allocate memory for the larger batch")
+
+
+def test_a_by_set_branch_the_check_cannot_run_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(moe_lowering, "MIN_SET_WIDTH", 0)
+    monkeypatch.setattr(moe_lowering, "MIN_SET_TOKENS", 32)
+    layer = moe_layer(64, 96, experts=8, seed=5).eval()
+    example = (torch.randn(2, 8, 64),)
+    report = er.export_onnx(layer, example, tmp_path / "moe.onnx")
+    report.checked_shapes, report.unchecked = [], None
+    session = _RefusingSession(er.export.onnxruntime_session(tmp_path / "moe.onnx"))
+    er.export._check_by_set_branch(session, layer, example, {}, report, [layer])
+    assert report.unchecked is not None and "repeated 2x" in report.unchecked and "allocate" in report.unchecked
+    assert "WARNING: not checked: BTT-MoE grouping by expert set" in report.summary()
 
 
 # (d_in, d_out, experts, k): padded input and cropped output (97), 3 experts, k = 1, k = 3, all experts picked
