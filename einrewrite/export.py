@@ -228,6 +228,7 @@ def export_onnx(
         translations = {**ONNX_TRANSLATIONS, **known_translations(), **(custom_translation_table or {})}
         program = _run_exporter(work, args, kwargs, dynamic, opset, translations)
     optimization = _optimize_graph(program, optimize)
+    _drop_debug_metadata(program.model)
     program.save(str(path))
     try:
         onnx.checker.check_model(str(path))
@@ -417,6 +418,22 @@ def _optimize_graph(program: Any, optimize: bool | None) -> str:
         onnxscript.optimizer.fold_constants(model, should_fold=_fold_unless_lowered_weight)
         onnxscript.optimizer.remove_unused_nodes(model)
     return "fold"
+
+
+# Per-node Python stack traces and FX node texts the torch exporter writes: debugging aids that made up 28 of the
+# 105 MiB of the benchmark GPT's BTT-MoE file and 65 MiB of its ONNX Runtime session. Each node keeps its module
+# path (namespace, name scopes, class hierarchy).
+_DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+
+
+def _drop_debug_metadata(model: Any) -> None:
+    """Remove :data:`_DEBUG_METADATA` from every node of ``model`` (an onnx_ir model), branches of ``If`` included."""
+    import onnx_ir
+
+    for graph in (model.graph, *model.functions.values()):
+        for node in onnx_ir.traversal.RecursiveGraphIterator(graph):
+            for key in _DEBUG_METADATA:
+                node.metadata_props.pop(key, None)
 
 
 def _fold_unless_lowered_weight(node: Any) -> bool | None:

@@ -159,3 +159,11 @@ def test_cuda_provider_fp16_parity(tmp_path: Path) -> None:
     report = export_onnx(layer, (torch.randn(8, 256),), tmp_path / "g.onnx", dtype="float16", providers="cuda")
     assert report.providers_used[0] == "CUDAExecutionProvider"
     assert report.checked
+
+
+def test_nodes_keep_their_module_path_but_not_the_exporters_stack_traces(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), EinsumLinear(structure("btt", 32, 32, rank=2))).eval()
+    export_onnx(model, (torch.randn(3, 16),), tmp_path / "m.onnx", check=False)
+    keys = [{p.key for p in node.metadata_props} for node in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert any("pkg.torch.onnx.name_scopes" in k for k in keys)  # where each node came from stays
+    assert not any(k & {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"} for k in keys)
