@@ -5,18 +5,19 @@ by ``NonZero`` and ``Gather``; what separates a fast export from a slow one is t
 them (ecosystem-notes §4), which on a 2-core CPU runs at memory bandwidth. Two groupings are exported:
 
 * **By expert set** (:func:`expert_sets`, when there are at most :data:`MAX_EXPERT_SETS` of them, e.g. the
-  28 pairs of E=8, k=2; by default only on layers wide enough to gain, :func:`grouped_by_set`): tokens are
-  grouped by the *set* of experts they picked. Each group's input is gathered once, each of its k experts runs
-  on it as a MatMul pair over that expert's own cores, and the k gated outputs are added while they are small.
-  Every token is in exactly one group: its output is written once, with no k-sum over the whole batch. The
-  MatMuls read each expert's cores as stored: ONNX Runtime holds every expert once. (Stacking a set's k experts
-  into one MatMul pair ran the d=1024 benchmark GPT 1-4% faster, but ORT folded the stacks into constants: each
-  expert is in C(E-1, k-1) sets, so the session held 7x the experts, 978 MiB against 145 MiB, and 275 MiB for
-  the dense model.)
-* **By expert** (more sets than that, narrow layers, or ``moe_grouping="expert"``): each expert gathers the
-  (token, slot) pairs routed to it, the results concatenate and one Gather puts them back in (token, slot)
-  order before the k slots are summed. This moves k times the activations of the grouping above, but its node
-  count grows with E instead of C(E, k).
+  28 pairs of E=8, k=2; by default only on layers wide enough to gain, :func:`grouped_by_set`, and only from
+  :data:`MIN_SET_TOKENS` tokens on, chosen at run time by an ONNX ``If``): tokens are grouped by the *set* of
+  experts they picked. Each group's input is gathered once, each of its k experts runs on it as a MatMul pair
+  over that expert's own cores, and the k gated outputs are added while they are small. Every token is in
+  exactly one group: its output is written once, with no k-sum over the whole batch. The MatMuls read each
+  expert's cores as stored: ONNX Runtime holds every expert once. (Stacking a set's k experts into one MatMul
+  pair ran the d=1024 benchmark GPT 1-4% faster, but ORT folded the stacks into constants: each expert is in
+  C(E-1, k-1) sets, so the session held 7x the experts, 978 MiB against 145 MiB, and 275 MiB for the dense
+  model.)
+* **By expert** (more sets than that, narrow layers, fewer tokens, or ``moe_grouping="expert"``): each expert
+  gathers the (token, slot) pairs routed to it, the results concatenate and one Gather puts them back in
+  (token, slot) order before the k slots are summed. This moves k times the activations of the grouping above,
+  but its node count grows with E instead of C(E, k).
 
 In both, every expert gates where its activations are narrowest (input γα, intermediate γφ or output φε) and
 its second MatMul puts the tokens in the middle, ``(φ, m, ε)``: outputs concatenate along the token axis, one
