@@ -31,7 +31,7 @@ from .errors import ExportError
 from .external_ops import known_translations
 from .lowering import is_lowered_weight, onnx_lowering
 from .moe import BTTMoELinear
-from .moe_lowering import ONNX_TRANSLATIONS, MoEGrouping, check_grouping, grouped_by_set
+from .moe_lowering import ONNX_TRANSLATIONS, MoEGrouping, check_grouping, chooses_by_token_count
 
 __all__ = [
     "OPTIMIZE_MAX_NODES",
@@ -255,8 +255,9 @@ def export_onnx(
         report.atol = default_atol if atol is None else atol
         report.rtol = default_rtol if rtol is None else rtol
         session = _check_with_onnxruntime(work, args, kwargs, report, names)
-        switched = [m for m in work.modules() if isinstance(m, BTTMoELinear) and grouped_by_set(m) is not None]
-        if switched and moe_grouping == "auto":
+        moe_layers = [m for m in work.modules() if isinstance(m, BTTMoELinear)]
+        switched = [m for m in moe_layers if chooses_by_token_count(m, moe_grouping)]
+        if switched:
             _check_by_set_branch(session, work, args, kwargs, report, switched)
     log.info("%s", report.summary())
     return report

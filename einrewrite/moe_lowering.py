@@ -66,6 +66,7 @@ __all__ = [
     "attach_weights",
     "attached_weights",
     "check_grouping",
+    "chooses_by_token_count",
     "detach_weights",
     "expert_sets",
     "export_weights",
@@ -128,6 +129,12 @@ def grouped_by_set(layer: BTTMoELinear, grouping: MoEGrouping = "auto") -> list[
     return expert_sets(layer.num_experts, layer.top_k)
 
 
+def chooses_by_token_count(layer: BTTMoELinear, grouping: MoEGrouping = "auto") -> bool:
+    """Whether ``layer`` exports both groupings under an ``If`` on the token count: ``"auto"`` on a layer that
+    can group by set (:func:`grouped_by_set`)."""
+    return grouping == "auto" and grouped_by_set(layer, grouping) is not None
+
+
 def export_weights(layer: BTTMoELinear) -> list[Tensor]:
     """The weights the lowered forward reads (detached, contiguous copies), the same in either grouping.
 
@@ -167,7 +174,7 @@ def attach_moe_weights(layer: BTTMoELinear, prefix: str, grouping: MoEGrouping =
     """:func:`attach_weights` of :func:`export_weights`, with the expert sets to group by (None: by expert) and
     whether the token count chooses between the groupings (``"auto"``)."""
     attach_weights(layer, prefix, export_weights(layer))
-    setattr(layer, _SETS, (grouped_by_set(layer, grouping), grouping == "auto"))
+    setattr(layer, _SETS, (grouped_by_set(layer, grouping), chooses_by_token_count(layer, grouping)))
 
 
 def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = "auto") -> Tensor:
@@ -197,7 +204,8 @@ def lowered_moe_forward(layer: BTTMoELinear, x: Tensor, grouping: MoEGrouping = 
     if attached:
         weights, (sets, by_tokens) = attached, getattr(layer, _SETS)
     else:
-        weights, sets, by_tokens = export_weights(layer), grouped_by_set(layer, grouping), grouping == "auto"
+        sets, by_tokens = grouped_by_set(layer, grouping), chooses_by_token_count(layer, grouping)
+        weights = export_weights(layer)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features)  # (N, d_in)
     if x2.dtype != weights[0].dtype:
@@ -245,7 +253,6 @@ def _moe_by_expert_set(
     of its k experts run on them with its gate from ``table`` (N, E), the k outputs added; the outputs back in
     token order: (N, φ, ε)."""
     a, g, f, e, r, k = sizes
-    n = x.shape[0]
     gate_at = _gate_position(sizes)
     outs, groups = [], []
     for ids, bits in _set_codes(members, k):
