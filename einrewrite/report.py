@@ -150,7 +150,7 @@ def _moe_summary(spec: Any, expert: Any, tokens: int) -> dict[str, Any]:
         "cost": tokens * flops,
         "plan": f"router, then per expert on ~{per_expert} tokens: {plan.describe()}",
         "optimal": plan.optimal,
-        "onnx": "sparse: NonZero and Gather per expert, two MatMul each, Gather back to token order, ReduceSum",
+        "onnx": "sparse: NonZero and Gather per expert, two MatMul each, Gather back to token order, k slots added",
     }
 
 

@@ -194,6 +194,32 @@ def test_export_onnx_of_a_model_with_moe_layers(tmp_path: Path) -> None:
         torch.testing.assert_close(_run_ort(tmp_path / "model.onnx", x), model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_the_outputs_return_to_token_order_in_one_gather_without_a_transpose(grouping: str, tmp_path: Path) -> None:
+    """The grouped outputs (φ, m, ε) reach (N, φ, ε) through one Gather of ε rows: ORT's optimized graph keeps no
+    Transpose of activations (those before the MatMuls fuse into FusedMatMul), only the gate table's."""
+    import onnx
+    import onnxruntime as ort
+
+    layer = moe_layer(64, 96, experts=8, seed=5).eval()
+    path = tmp_path / "moe.onnx"
+    er.export_onnx(layer, (torch.randn(2, 8, 64),), path, moe_grouping=grouping)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    perms = [list(a.ints) for n in graph.node if n.op_type == "Transpose" for a in n.attribute if a.name == "perm"]
+    assert all(p == [1, 0] for p in perms), perms  # by set: the gate table (N, E) -> (E, N)
+    assert any(n.op_type == "FusedMatMul" for n in graph.node)  # the experts' input permutes, fused
+    producer = {out: n for n in graph.node for out in n.output}
+    last = producer[graph.output[0].name]
+    while last.op_type != "Gather":  # back from the output through the bias, the reshape and the k-sum
+        assert last.op_type in ("Add", "Reshape", "Slice"), last.op_type  # bias, crop, the k slots' sum
+        last = producer[last.input[0]]
+    assert producer[last.input[0]].op_type == "Reshape"  # the grouped outputs seen as (φ·L, ε) rows
+
+
 def _check_parity_and_repeats(layer: BTTMoELinear, path: Path, grouping: str) -> None:
     """ORT on 2 threads matches the layer on 1,200 tokens and gives the same bits on 5 more runs."""
     layer.eval()
