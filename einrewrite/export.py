@@ -16,7 +16,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -254,11 +254,13 @@ def export_onnx(
         default_atol, default_rtol = _TOLERANCES[dtype]
         report.atol = default_atol if atol is None else atol
         report.rtol = default_rtol if rtol is None else rtol
-        session = _check_with_onnxruntime(work, args, kwargs, report, names)
-        moe_layers = [m for m in work.modules() if isinstance(m, BTTMoELinear)]
-        switched = [m for m in moe_layers if chooses_by_token_count(m, moe_grouping)]
+        switched = [
+            m for m in work.modules() if isinstance(m, BTTMoELinear) and chooses_by_token_count(m, moe_grouping)
+        ]
+        with _tokens_seen(switched) as tokens:  # counted in the parity check's PyTorch forward
+            session = _check_with_onnxruntime(work, args, kwargs, report, names)
         if switched:
-            _check_by_set_branch(session, work, args, kwargs, report, switched)
+            _check_by_set_branch(session, work, args, kwargs, report, tokens)
     log.info("%s", report.summary())
     return report
 
@@ -520,26 +522,31 @@ def _check_with_onnxruntime(
     return session
 
 
+@contextlib.contextmanager
+def _tokens_seen(layers: list[BTTMoELinear]) -> Iterator[list[int]]:
+    """The token count of every call of ``layers`` while the context is open (forward pre-hooks)."""
+    tokens: list[int] = []
+    hooks = [layer.register_forward_pre_hook(lambda _m, inp: tokens.append(inp[0].numel() // inp[0].shape[-1]))
+             for layer in layers]
+    try:
+        yield tokens
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def _check_by_set_branch(
     session: Any,
     model: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     report: ExportReport,
-    layers: list[BTTMoELinear],
+    tokens: list[int],
 ) -> None:
     """Check again with the example's batch repeated until every BTT-MoE layer exported with ``"auto"`` grouping
     gets :data:`~einrewrite.moe_lowering.MIN_SET_TOKENS` tokens, so that the branch of their ``If`` that groups by
-    expert set runs too. A model that cannot run the larger batch is reported in ``report.unchecked``."""
-    tokens: list[int] = []
-    hooks = [layer.register_forward_pre_hook(lambda _m, inp: tokens.append(inp[0].numel() // inp[0].shape[-1]))
-             for layer in layers]
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    expert set runs too; ``tokens``: those layers' token counts on the example (:func:`_tokens_seen`). A model that
+    cannot run the larger batch is reported in ``report.unchecked``."""
     if not tokens or min(tokens) >= moe_lowering.MIN_SET_TOKENS:
         return  # the layers did not run, or the example already ran that branch
     times = math.ceil(moe_lowering.MIN_SET_TOKENS / max(1, min(tokens)))
@@ -552,10 +559,9 @@ def _check_by_set_branch(
         raise
     except Exception as e:  # PyTorch or ORT cannot run the larger batch
         report.unchecked = f"BTT-MoE grouping by expert set (the example repeated {times}x: {_first_line(e)})"
+        log.warning("%s: %s", report.path, report.unchecked)
     else:
         report.max_abs_diff = max(report.max_abs_diff or 0.0, worst)
-    if report.unchecked:
-        log.warning("%s: %s", report.path, report.unchecked)
 
 
 def _compare(

@@ -107,7 +107,7 @@ def test_a_by_set_branch_the_check_cannot_run_is_reported(monkeypatch: pytest.Mo
     report = er.export_onnx(layer, example, tmp_path / "moe.onnx")
     report.checked_shapes, report.unchecked = [], None
     session = _RefusingSession(er.export.onnxruntime_session(tmp_path / "moe.onnx"))
-    er.export._check_by_set_branch(session, layer, example, {}, report, [layer])
+    er.export._check_by_set_branch(session, layer, example, {}, report, [16])  # the layer saw 2·8 tokens
     assert report.unchecked is not None and "repeated 2x" in report.unchecked and "allocate" in report.unchecked
     assert "WARNING: not checked: BTT-MoE grouping by expert set" in report.summary()
 
