@@ -401,11 +401,13 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def _optimize_graph(program: Any, optimize: bool | None) -> str:
     """Run onnxscript's graph passes on ``program`` as ``optimize`` asks: ``"full"``, ``"fold"`` or ``"none"``.
 
-    "full" is what ``ONNXProgram.optimize()`` runs (``optimize_ir``, then the ONNX fusions); both modes leave the
-    nodes over lowered weights unfolded (:func:`_fold_unless_lowered_weight`).
+    "full" is ``optimize_ir`` (folding, rewrite rules, CSE). ``ONNXProgram.optimize()`` then also runs onnxscript's
+    ONNX fusions, which act on opset 23 only; they are left out: their ``RotaryEmbedding`` gives Llama's cos/sin
+    caches a batch of 1, which the op does not allow and ONNX Runtime rejects when the model runs (ORT fuses
+    rotary embeddings and RMS norms itself on load). Both modes leave the nodes over lowered weights unfolded
+    (:func:`_fold_unless_lowered_weight`).
     """
     import onnxscript.optimizer
-    import onnxscript.rewriter.onnx_fusions
 
     if optimize is False:
         return "none"
@@ -414,7 +416,6 @@ def _optimize_graph(program: Any, optimize: bool | None) -> str:
     with warnings_silenced():
         if optimize or nodes <= OPTIMIZE_MAX_NODES:
             onnxscript.optimizer.optimize_ir(model, should_fold=_fold_unless_lowered_weight)
-            onnxscript.rewriter.onnx_fusions.fuse(model)
             return "full"
         log.info("%d nodes: only constant folding (optimize=True runs the full, slow optimizer)", nodes)
         onnxscript.optimizer.inline(model)
@@ -555,10 +556,11 @@ def _check_by_set_branch(
     )
     try:
         worst = _compare(session, model, big_args, big_kwargs, report)
-    except ExportError:  # ORT ran and disagrees with PyTorch
-        raise
-    except Exception as e:  # PyTorch or ORT cannot run the larger batch
-        report.unchecked = f"BTT-MoE grouping by expert set (the example repeated {times}x: {_first_line(e)})"
+    except Exception as e:
+        if isinstance(e, ExportError) and not isinstance(e, _RunError):
+            raise  # ORT ran and disagrees with PyTorch
+        cause = e.__cause__ if isinstance(e, _RunError) and e.__cause__ else e  # PyTorch or ORT cannot run it
+        report.unchecked = f"BTT-MoE grouping by expert set (the example repeated {times}x: {_first_line(cause)})"
         log.warning("%s: %s", report.path, report.unchecked)
     else:
         report.max_abs_diff = max(report.max_abs_diff or 0.0, worst)
@@ -575,7 +577,7 @@ def _compare(
     feeds = _feeds(session, args, kwargs)
     with torch.no_grad():
         expected = [t.detach().float().numpy() for t in tree_leaves(model(*args, **kwargs)) if isinstance(t, Tensor)]
-    got = session.run(None, feeds)
+    got = _run(session, feeds, report)
     report.checked_shapes.append(list(next(iter(feeds.values())).shape))
     if len(got) != len(expected):
         raise ExportError(f"ONNX model {report.path} has {len(got)} outputs but PyTorch returned {len(expected)}")
@@ -616,6 +618,44 @@ def _float64_deviation(
         return float(np.abs(outs[output].detach().cpu().numpy() - expected).max())
     except Exception:  # a model that cannot run in float64 (custom kernels, device-only ops): no hint
         return None
+
+
+class _RunError(ExportError):
+    """ONNX Runtime loaded the exported model but could not run it on an input."""
+
+
+_ORT_NODE = re.compile(r"Name:'([^']+)'")  # how ONNX Runtime names the node that failed
+
+
+def _run(session: Any, feeds: dict[str, np.ndarray], report: ExportReport) -> list[Any]:
+    """``session.run`` on ``feeds``; a failure becomes a :class:`_RunError` naming the node and its layer."""
+    try:
+        return list(session.run(None, feeds))
+    except Exception as e:  # onnxruntime raises its own InvalidArgument/Fail/RuntimeException types
+        node = _ORT_NODE.search(f"{e}")
+        where = f" at node {_located(report.path, node.group(1))}" if node else ""
+        shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feeds.items())
+        raise _RunError(
+            f"ONNX Runtime loaded {report.path} but could not run it{where} on {shapes}: {_first_line(e)}. The "
+            "file is written; export with optimize=False (CLI: --no-optimize) in case a graph optimization made "
+            "that node, or with another opset, and report the failure if it stays"
+        ) from e
+
+
+def _located(path: str, name: str) -> str:
+    """``'name'``, with ``in layer 'fqn'`` where the exporter recorded the module that made that node."""
+    import ast
+
+    import onnx
+
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:  # the layer is a courtesy: the run error is reported either way
+        return repr(name)
+    node = next((n for n in _all_nodes(proto) if n.name == name), None)
+    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]") if node else "[]"
+    modules = [scope for scope in ast.literal_eval(scopes)[:-1] if scope]  # module FQNs, outermost first; then the op
+    return f"{name!r} in layer {modules[-1]!r}" if modules else repr(name)
 
 
 def _feeds(session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -109,6 +109,20 @@ def test_the_callers_translation_exports_an_op_the_exporter_does_not_know(tmp_pa
     assert report.op_counts.get("Add", 0) >= 1
 
 
+def test_a_model_onnx_runtime_loads_but_cannot_run_is_an_export_error_naming_the_node(tmp_path: Path) -> None:
+    from onnxscript import opset18 as op
+
+    def mystery(x: object) -> object:  # valid ONNX, but 7 rows do not divide the 2x3 example
+        return op.Reshape(x, op.Constant(value_ints=[7, -1]))
+
+    model = nn.Sequential(nn.Linear(3, 3), models.Untranslatable())
+    table = {torch.ops.einrewrite_test.mystery.default: mystery}
+    with pytest.raises(ExportError, match=r"loaded \S*fails\.onnx but could not run it at node 'node_mystery' in "
+                       r"layer '1' on input \[2, 3\]: .*Reshape.*optimize=False") as caught:
+        export_onnx(model, (torch.randn(2, 3),), tmp_path / "fails.onnx", custom_translation_table=table)
+    assert "Traceback" not in str(caught.value) and len(str(caught.value).splitlines()) == 1
+
+
 def test_nodes_an_accelerator_left_to_the_cpu_are_reported(caplog: pytest.LogCaptureFixture) -> None:
     """The placement parser on a stand-in for an ORT session whose CUDA provider left two nodes to the CPU."""
     from types import SimpleNamespace
