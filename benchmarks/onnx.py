@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--router", default="init,random",
                         help="comma-separated BTT-MoE routers, one model each: init (as the rewrite leaves them, "
                              "zero: all tokens on experts 0..k-1), random (the load spread over every expert)")
+    parser.add_argument("--opset", type=int, default=None,
+                        help="ONNX opset of every export (default: the exporter's, 20; 23 has an Attention op)")
     parser.add_argument("--dense-torch", action="store_true", help="also time the dense model in torch eager")
     parser.add_argument("--profile", action="store_true", help="ORT time per op type of each model (cpu)")
     args = parser.parse_args(argv)
@@ -269,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch * args.seq
     print(
         f"GPT d={args.d}, {args.layers} layers, {args.heads} heads, MLP 4d, tokens {tokens} "
-        f"({args.batch}x{args.seq}), {dtype}, {args.threads} threads; ORT {args.provider.upper()}, "
+        f"({args.batch}x{args.seq}), {dtype}, {args.threads} threads; ORT {args.provider.upper()}"
+        f"{'' if args.opset is None else f', opset {args.opset}'}, "
         f"torch {torch.__version__} on {device.type}"
     )
     for name, model in models.items():
@@ -285,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models.items():
             path = Path(tmp) / f"{name}.onnx"
-            report = er.export_onnx(model, (export_idx,), path, dtype=dtype, providers=args.provider)
+            report = er.export_onnx(model, (export_idx,), path, dtype=dtype, providers=args.provider,
+                                    opset=args.opset)
             placed = ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in report.placement.items())
             size = sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.exists())
             paths[name] = path

@@ -51,16 +51,20 @@ def _parse_tokens(ctx: click.Context, param: click.Parameter, value: str) -> tup
                    f"most {OPTIMIZE_MAX_NODES} nodes, only constant folding on larger ones, where it is slow].")
 @click.option("--atol", type=click.FloatRange(min=0), default=None,
               help="Absolute tolerance of the parity check [default: 1e-4 for float32, 2e-2 for float16].")
+@click.option("--opset", type=click.IntRange(min=18), default=None,
+              help="ONNX opset [default: the torch exporter's, 20]; 23 exports attention as one Attention node.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export_command(model_dir: str, output: str, dtype: str, provider: str, no_check: bool, force: bool,
-                   moe_grouping: str, optimize: bool | None, atol: float | None, as_json: bool) -> None:
+                   moe_grouping: str, optimize: bool | None, atol: float | None, opset: int | None,
+                   as_json: bool) -> None:
     """Export the rewritten model in DIR (an einrewrite output directory) to ONNX and check it in ONNX Runtime.
 
     Structured layers lower to MatMul chains (no Einsum node); batch and sequence length stay dynamic.
     """
     report = export_saved(model_dir, output, dtype=dtype,  # type: ignore[arg-type]
                           providers=provider, check=not no_check, overwrite=force,
-                          moe_grouping=moe_grouping, optimize=optimize, atol=atol)  # type: ignore[arg-type]
+                          moe_grouping=moe_grouping, optimize=optimize, atol=atol,  # type: ignore[arg-type]
+                          opset=opset)
     if as_json:
         _echo_json(report.to_dict())
     else:

@@ -276,6 +276,7 @@ def export_saved(
     moe_grouping: MoEGrouping = "auto",
     optimize: bool | None = None,
     atol: float | None = None,
+    opset: int | None = None,
 ) -> ExportReport:
     """:func:`export_onnx` of the model saved in an einrewrite output directory (``einrewrite export``).
 
@@ -292,6 +293,7 @@ def export_saved(
         moe_grouping: how BTT-MoE layers group tokens (see :func:`export_onnx`).
         optimize: the exporter's graph optimizer (see :func:`export_onnx`; default: full on small graphs).
         atol: override the parity tolerance (default 1e-4 for float32, 2e-2 for float16).
+        opset: ONNX opset (default: the exporter's).
 
     Raises:
         ExportError: ``path`` exists and ``overwrite`` is False, a provider is missing, no example inputs, or the
@@ -322,7 +324,7 @@ def export_saved(
             stale.unlink()
     args, kwargs = inputs
     return export_onnx(model, tuple(args), path, example_kwargs=dict(kwargs), dtype=dtype, check=check,
-                       providers=providers, moe_grouping=moe_grouping, optimize=optimize, atol=atol)
+                       providers=providers, moe_grouping=moe_grouping, optimize=optimize, atol=atol, opset=opset)
 
 
 def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:

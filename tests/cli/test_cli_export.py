@@ -60,6 +60,15 @@ def test_export_no_optimize_and_atol(rewritten: Path, tmp_path: Path) -> None:
     assert passes == {"--optimize": "full", "--no-optimize": "none"}
 
 
+def test_export_opset(rewritten: Path, tmp_path: Path) -> None:
+    code, out, err = run("export", str(rewritten), "-o", str(tmp_path / "a.onnx"), "--opset", "23", "--json")
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["opset"] == 23 and report["checked"] is True and report["op_counts"]["Attention"] == 2
+    code, out, err = run("export", str(rewritten), "-o", str(tmp_path / "b.onnx"), "--opset", "17")
+    assert code == 2 and "--opset" in out + err
+
+
 def test_export_moe_grouping_picks_the_token_groups(tmp_path: Path) -> None:
     out = tmp_path / "moe"
     code, output, err = run("rewrite", FACTORY, "--structure", "btt_moe", "--budget", "0.5", "-o", str(out))
