@@ -86,6 +86,7 @@ def compare_models(
     workdir: str | Path | None = None,
     export_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
     device: str | torch.device | None = None,
+    opset: int | None = None,
 ) -> list[BenchRow]:
     """Time dense torch, structured torch eager, structured torch.compile, dense ORT and structured ORT.
 
@@ -104,6 +105,7 @@ def compare_models(
         export_inputs: (args, kwargs) to export with; use a batch and a sequence of at least 2 each, since
             torch.export specialises axes of size 1 (default: ``make_inputs(max(tokens))``).
         device: where the torch models run (default CPU); ``"cuda"`` casts them to ``dtype`` as well.
+        opset: ONNX opset of both exports (default: the exporter's).
 
     Returns:
         One :class:`BenchRow` per token count; :func:`format_rows` prints them.
@@ -152,7 +154,7 @@ def compare_models(
                 path = folder / f"{label.split()[0]}.onnx"
                 cpu_model = copy.deepcopy(model).float().cpu() if device.type == "cuda" else model
                 export_onnx(cpu_model, args, path, example_kwargs=kwargs, dtype=dtype,  # type: ignore[arg-type]
-                            providers=providers)
+                            providers=providers, opset=opset)
                 session = onnxruntime_session(path, providers, threads=threads or torch.get_num_threads())
                 contenders[label] = _ort_runner(session, dtype)
         rows = []
@@ -295,6 +297,7 @@ def bench_saved(
     compile: bool = True,
     onnx: bool = True,
     threads: int | None = None,
+    opset: int | None = None,
 ) -> list[BenchRow]:
     """:func:`compare_models` on an einrewrite output directory: its dense base model against the rewrite.
 
@@ -311,6 +314,7 @@ def bench_saved(
         compile: also time ``torch.compile`` of the rewrite.
         onnx: also export both models and time them in ONNX Runtime.
         threads: ONNX Runtime intra-op threads (default: torch's).
+        opset: ONNX opset of both exports (default: the exporter's).
 
     Raises:
         SavedModelError: not an einrewrite directory. ExportError: a provider is missing or an export fails.
@@ -347,4 +351,5 @@ def bench_saved(
         threads=threads,
         export_inputs=(tuple(args), dict(kwargs)),
         device=device,
+        opset=opset,
     )

@@ -125,6 +125,24 @@ def test_bench_prints_every_contender_and_the_ratios(rewritten: Path) -> None:
     assert "1x1" in out and "1x8" in out
 
 
+def test_bench_opset_reaches_both_exports(rewritten: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import einrewrite.bench as bench_module
+
+    opsets = []
+    export = bench_module.export_onnx
+
+    def spy(*args: object, **kwargs: object) -> object:
+        opsets.append(kwargs.get("opset"))
+        return export(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bench_module, "export_onnx", spy)
+    code, out, err = run("bench", str(rewritten), "--tokens", "16", "--repeats", "1", "--no-compile", "--opset", "23",
+                         "--json")
+    assert code == 0, out + err
+    assert opsets == [23, 23]  # the dense base and the rewrite
+    assert {"dense ORT", "structured ORT"} <= set(json.loads(out)["data"]["rows"][0]["times_ms"])
+
+
 def test_bench_bad_tokens_is_a_usage_error(rewritten: Path) -> None:
     code, out, err = run("bench", str(rewritten), "--tokens", "1,x")
     assert code == 2 and "comma-separated positive integers" in out + err
