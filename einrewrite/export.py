@@ -561,8 +561,8 @@ def _check_by_set_branch(
     except Exception as e:
         if isinstance(e, ExportError) and not isinstance(e, _RunError):
             raise  # ORT ran and disagrees with PyTorch
-        cause = e.__cause__ if isinstance(e, _RunError) and e.__cause__ else e  # PyTorch or ORT cannot run it
-        report.unchecked = f"BTT-MoE grouping by expert set (the example repeated {times}x: {_first_line(cause)})"
+        why = (e.__cause__ or e) if isinstance(e, _RunError) else e  # ORT or PyTorch cannot run the larger batch
+        report.unchecked = f"BTT-MoE grouping by expert set (the example repeated {times}x: {_first_line(why)})"
         log.warning("%s: %s", report.path, report.unchecked)
     else:
         report.max_abs_diff = max(report.max_abs_diff or 0.0, worst)
@@ -655,7 +655,8 @@ def _located(path: str, name: str) -> str:
     except Exception:  # the layer is a courtesy: the run error is reported either way
         return repr(name)
     node = next((n for n in _all_nodes(proto) if n.name == name), None)
-    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]") if node else "[]"
+    props = node.metadata_props if node is not None else []
+    scopes = next((p.value for p in props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
     modules = [scope for scope in ast.literal_eval(scopes)[:-1] if scope]  # module FQNs, outermost first; then the op
     return f"{name!r} in layer {modules[-1]!r}" if modules else repr(name)
 
