@@ -15,10 +15,10 @@ __all__ = ["bench_command", "export_command"]
 _DIR = click.Path(exists=True, file_okay=False)
 _DTYPE = click.Choice(["float32", "float16"])
 _PROVIDER = click.Choice(["cpu", "cuda"])
-_OPSET: dict[str, Any] = {
-    "type": click.IntRange(min=18), "default": None,
-    "help": "ONNX opset [default: the torch exporter's, 20]; 23 exports attention as one Attention node.",
-}
+_opset_option = click.option(
+    "--opset", type=click.IntRange(min=18), default=None,
+    help="ONNX opset [default: the torch exporter's, 20]; 23 exports attention as one Attention node.",
+)
 
 
 def _echo_json(payload: Any) -> None:
@@ -55,7 +55,7 @@ def _parse_tokens(ctx: click.Context, param: click.Parameter, value: str) -> tup
                    f"most {OPTIMIZE_MAX_NODES} nodes, only constant folding on larger ones, where it is slow].")
 @click.option("--atol", type=click.FloatRange(min=0), default=None,
               help="Absolute tolerance of the parity check [default: 1e-4 for float32, 2e-2 for float16].")
-@click.option("--opset", **_OPSET)
+@_opset_option
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export_command(model_dir: str, output: str, dtype: str, provider: str, no_check: bool, force: bool,
                    moe_grouping: str, optimize: bool | None, atol: float | None, opset: int | None,
@@ -86,7 +86,7 @@ def export_command(model_dir: str, output: str, dtype: str, provider: str, no_ch
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: torch's).")
 @click.option("--no-compile", is_flag=True, help="Skip torch.compile of the rewrite.")
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX Runtime contenders.")
-@click.option("--opset", **_OPSET)
+@_opset_option
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def bench_command(model_dir: str, tokens: tuple[int, ...], repeats: int, dtype: str, provider: str,
                   threads: int | None, no_compile: bool, no_onnx: bool, opset: int | None, as_json: bool) -> None:
