@@ -13,7 +13,9 @@ FLOPs (forward + backward, 2 FLOPs per MAC).
 Distributed data parallel: when ``torch.distributed`` is initialised (``torchrun``; gloo on CPU) the model is
 wrapped in ``DistributedDataParallel``. Every process draws the same global batch from the same generator and
 trains on its own slice, so ``k`` processes with ``grad_accum=a`` follow exactly the run of one process with
-``grad_accum=k·a`` on the same global batch.
+``grad_accum=k·a`` on the same global batch. The script owns the process group; end it with ``dist.barrier()``
+before ``dist.destroy_process_group()`` when one rank has more to do (saving), or gloo may abort the rank
+that exits first.
 """
 
 from __future__ import annotations
