@@ -71,7 +71,9 @@ def test_export_opset(rewritten: Path, tmp_path: Path) -> None:
 
 def test_export_moe_grouping_picks_the_token_groups(tmp_path: Path) -> None:
     out = tmp_path / "moe"
-    code, output, err = run("rewrite", FACTORY, "--structure", "btt_moe", "--budget", "0.5", "-o", str(out))
+    # the first block's MLP only: each export's time is mostly the MoE layers' groups
+    only = ("--target", r"re:h\.0\.mlp\..*")
+    code, output, err = run("rewrite", FACTORY, "--structure", "btt_moe", "--budget", "0.5", *only, "-o", str(out))
     assert code == 0, output + err
     nonzeros = {}
     for grouping in ("auto", "set", "expert"):
@@ -81,7 +83,7 @@ def test_export_moe_grouping_picks_the_token_groups(tmp_path: Path) -> None:
         assert json.loads(output)["checked"] is True
         proto = onnx.load(str(target), load_external_data=False)
         nonzeros[grouping] = sum(n.op_type == "NonZero" for n in proto.graph.node)
-    layers = 8  # 2 blocks x 4 linear layers, each E=8, k=2: 8 groups by expert, C(8, 2) = 28 by expert pair
+    layers = 2  # c_fc and c_proj, each E=8, k=2: 8 groups by expert, C(8, 2) = 28 by expert pair
     assert nonzeros == {"auto": 8 * layers, "set": 28 * layers, "expert": 8 * layers}  # d=64 is narrow: auto = expert
     code, output, err = run("export", str(out), "-o", str(tmp_path / "x.onnx"), "--moe-grouping", "pairs")
     assert code == 2 and "pairs" in output + err
