@@ -45,9 +45,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# export_onnx(optimize=None) runs onnxscript's full optimizer up to this many nodes, and only its constant folding
-# on larger graphs. Its multi-output rewrite rule (SlicesSplit) walks the whole graph for every node:
-# ~0.7 µs·nodes² per pass here, 45 s at 8110 nodes.
+# export_onnx(optimize=None) runs onnxscript's full optimizer up to this many nodes (If branches included), and only
+# its constant folding on larger graphs. Its multi-output rewrite rule (SlicesSplit) walks the whole graph for every
+# node: ~0.7 µs·nodes² per pass here, 45 s at 8110 nodes.
 OPTIMIZE_MAX_NODES = 3000
 _TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (2e-2, 2e-2)}  # (atol, rtol) of the parity check
 _STRUCTURED_CLASSES = ("EinsumLinear", "BTTMoELinear")
@@ -187,10 +187,11 @@ def export_onnx(
             1024 tokens on and by expert below.
         optimize: ``True``: run onnxscript's full graph optimizer (constant folding, rewrite rules, CSE) on the
             exported graph; ``False``: none of it. ``None`` (default): the full optimizer on graphs of at most
-            :data:`OPTIMIZE_MAX_NODES` nodes, only its constant folding on larger ones. One of its rewrite rules
-            costs time quadratic in the node count (a d=1024 GPT with BTT-MoE layers, 8110 nodes: 146 s of
-            export with it, 36 s with folding only); the folding is what ONNX Runtime needs (it turns the exporter's
-            ``SplitToSequence`` into ``Split`` so ORT fuses attention), and ORT fuses the rest itself on load.
+            :data:`OPTIMIZE_MAX_NODES` nodes (``If`` branches included), only its constant folding on larger ones.
+            Its rewrite rules cost time quadratic in the node count (the d=1024 benchmark GPT with BTT-MoE layers,
+            10656 nodes, most in branches: 165 s of export with them, 77 s with folding only, and the same speed
+            in ONNX Runtime); the folding is what ONNX Runtime needs (it turns the exporter's ``SplitToSequence``
+            into ``Split`` so ORT fuses attention), and ORT fuses the rest itself on load.
         custom_translation_table: ONNX translations (onnxscript functions) for ops the exporter does not know,
             keyed by ``OpOverload``, as for ``torch.onnx.export``. They add to einrewrite's own and to those of
             :func:`~einrewrite.external_ops.known_translations` (e.g. transformers' ``grouped_mm_fallback`` of
@@ -414,7 +415,7 @@ def _optimize_graph(program: Any, optimize: bool | None) -> str:
     if optimize is False:
         return "none"
     model = program.model
-    nodes = sum(1 for _ in model.graph) + sum(len(f) for f in model.functions.values())
+    nodes = _node_count(model)
     with warnings_silenced():
         if optimize or nodes <= OPTIMIZE_MAX_NODES:
             onnxscript.optimizer.optimize_ir(model, should_fold=_fold_unless_lowered_weight)
@@ -424,6 +425,16 @@ def _optimize_graph(program: Any, optimize: bool | None) -> str:
         onnxscript.optimizer.fold_constants(model, should_fold=_fold_unless_lowered_weight)
         onnxscript.optimizer.remove_unused_nodes(model)
     return "fold"
+
+
+def _node_count(model: Any) -> int:
+    """Nodes of ``model`` (an onnx_ir model), those in ``If`` branches and functions included: a BTT-MoE layer
+    exported under ``"auto"`` holds its groups in the branches (the d=1024 benchmark GPT: 496 nodes at the top,
+    10656 in all)."""
+    import onnx_ir
+
+    graphs = (model.graph, *model.functions.values())
+    return sum(1 for graph in graphs for _ in onnx_ir.traversal.RecursiveGraphIterator(graph))
 
 
 # Per-node Python stack traces and FX node texts the torch exporter writes: debugging aids that made up 28 of the

@@ -69,6 +69,34 @@ def test_graph_optimizer_runs_in_full_on_small_graphs_and_only_folds_past_the_li
     assert sum(off.op_counts.values()) > sum(large.op_counts.values()) > sum(small.op_counts.values())
 
 
+
+class _Branchy(nn.Module):
+    """Most of its nodes inside an ``If`` (a ``torch.cond`` on the batch size), as a BTT-MoE layer's groups are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def many(x: torch.Tensor) -> torch.Tensor:
+            for _ in range(8):
+                x = torch.sin(x) * 2.0 + 1.0
+            return x
+
+        def few(x: torch.Tensor) -> torch.Tensor:
+            return x + 1.0
+
+        return torch.cond(x.shape[0] > 4, many, few, (x,))
+
+
+def test_the_optimizer_node_limit_counts_the_nodes_inside_if_branches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, x = _Branchy(), (torch.randn(6, 3),)
+    off = export_onnx(model, x, tmp_path / "off.onnx", optimize=False)
+    top = len(onnx.load(str(tmp_path / "off.onnx")).graph.node)
+    assert off.op_counts["If"] == 1 and sum(off.op_counts.values()) > top + 20  # the branches hold most nodes
+    monkeypatch.setattr(export_module, "OPTIMIZE_MAX_NODES", top + 10)  # above the top level, below all nodes
+    report = export_onnx(model, x, tmp_path / "branchy.onnx")
+    assert report.optimization == "fold" and report.checked
+
+
 def test_parity_failure_says_whether_the_model_itself_is_sensitive_to_rounding(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
