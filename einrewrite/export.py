@@ -189,7 +189,7 @@ def export_onnx(
             exported graph; ``False``: none of it. ``None`` (default): the full optimizer on graphs of at most
             :data:`OPTIMIZE_MAX_NODES` nodes (``If`` branches included), only its constant folding on larger ones.
             Its rewrite rules cost time quadratic in the node count (the d=1024 benchmark GPT with BTT-MoE layers,
-            10656 nodes, most in branches: 165 s of export with them, 77 s with folding only, and the same speed
+            10656 nodes, most in branches: 60 s of export with them, 40-44 s with folding only, and the same speed
             in ONNX Runtime); the folding is what ONNX Runtime needs (it turns the exporter's ``SplitToSequence``
             into ``Split`` so ORT fuses attention), and ORT fuses the rest itself on load.
         custom_translation_table: ONNX translations (onnxscript functions) for ops the exporter does not know,
