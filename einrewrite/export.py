@@ -415,7 +415,7 @@ def _optimize_graph(program: Any, optimize: bool | None) -> str:
     if optimize is False:
         return "none"
     model = program.model
-    nodes = _node_count(model)
+    nodes = sum(1 for _ in _ir_nodes(model))
     with warnings_silenced():
         if optimize or nodes <= OPTIMIZE_MAX_NODES:
             onnxscript.optimizer.optimize_ir(model, should_fold=_fold_unless_lowered_weight)
@@ -427,14 +427,14 @@ def _optimize_graph(program: Any, optimize: bool | None) -> str:
     return "fold"
 
 
-def _node_count(model: Any) -> int:
-    """Nodes of ``model`` (an onnx_ir model), those in ``If`` branches and functions included: a BTT-MoE layer
-    exported under ``"auto"`` holds its groups in the branches (the d=1024 benchmark GPT: 496 nodes at the top,
+def _ir_nodes(model: Any) -> Iterator[Any]:
+    """Every node of ``model`` (an onnx_ir model): its graph's, its functions' and those in ``If`` branches, where a
+    BTT-MoE layer exported under ``"auto"`` holds its groups (the d=1024 benchmark GPT: 496 nodes at the top,
     10656 in all)."""
     import onnx_ir
 
-    graphs = (model.graph, *model.functions.values())
-    return sum(1 for graph in graphs for _ in onnx_ir.traversal.RecursiveGraphIterator(graph))
+    for graph in (model.graph, *model.functions.values()):
+        yield from onnx_ir.traversal.RecursiveGraphIterator(graph)
 
 
 # Per-node Python stack traces and FX node texts the torch exporter writes: debugging aids that made up 28 of the
@@ -445,12 +445,9 @@ _DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 
 def _drop_debug_metadata(model: Any) -> None:
     """Remove :data:`_DEBUG_METADATA` from every node of ``model`` (an onnx_ir model), branches of ``If`` included."""
-    import onnx_ir
-
-    for graph in (model.graph, *model.functions.values()):
-        for node in onnx_ir.traversal.RecursiveGraphIterator(graph):
-            for key in _DEBUG_METADATA:
-                node.metadata_props.pop(key, None)
+    for node in _ir_nodes(model):
+        for key in _DEBUG_METADATA:
+            node.metadata_props.pop(key, None)
 
 
 def _fold_unless_lowered_weight(node: Any) -> bool | None:

@@ -69,7 +69,6 @@ def test_graph_optimizer_runs_in_full_on_small_graphs_and_only_folds_past_the_li
     assert sum(off.op_counts.values()) > sum(large.op_counts.values()) > sum(small.op_counts.values())
 
 
-
 class _Branchy(nn.Module):
     """Most of its nodes inside an ``If`` (a ``torch.cond`` on the batch size), as a BTT-MoE layer's groups are."""
 
