@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -73,6 +74,7 @@ class ExportReport:
     rtol: float | None = None
     checked_shapes: list[list[int]] = field(default_factory=list)  # first input's shape in each parity run
     unchecked: str | None = None  # what the parity check could not run, and why
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step, in the order they ran
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -98,6 +100,9 @@ class ExportReport:
             )
         if self.unchecked:
             lines.append(f"WARNING: not checked: {self.unchecked}")
+        if self.seconds:
+            steps = ", ".join(f"{name} {t:.1f}" for name, t in self.seconds.items())
+            lines.append(f"took {sum(self.seconds.values()):.1f} s: {steps}")
         return "\n".join(lines)
 
 
@@ -226,17 +231,20 @@ def export_onnx(
         work = work.half()
         args, kwargs = _cast_floats((args, kwargs), torch.float16)
     dynamic = _dynamic_shapes(work, args, kwargs) if dynamic_axes else None
+    seconds: dict[str, float] = {}
     with onnx_lowering(work, moe_grouping):  # structured layers trace as MatMul chains with pre-arranged weights
         translations = {**ONNX_TRANSLATIONS, **known_translations(), **(custom_translation_table or {})}
-        program = _run_exporter(work, args, kwargs, dynamic, opset, translations)
-    optimization = _optimize_graph(program, optimize)
-    _drop_debug_metadata(program.model)
-    program.save(str(path))
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as e:  # onnx.checker.ValidationError and friends
-        raise ExportError(f"onnx.checker rejected {path}: {e}") from e
-    proto = onnx.load(str(path), load_external_data=False)
+        program = _run_exporter(work, args, kwargs, dynamic, opset, translations, seconds)
+    with _step(seconds, "optimize", "optimizing the ONNX graph"):
+        optimization = _optimize_graph(program, optimize)
+    with _step(seconds, "save", f"saving and checking {path}"):
+        _drop_debug_metadata(program.model)
+        program.save(str(path))
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as e:  # onnx.checker.ValidationError and friends
+            raise ExportError(f"onnx.checker rejected {path}: {e}") from e
+        proto = onnx.load(str(path), load_external_data=False)
     report = ExportReport(
         path=str(path),
         dtype=dtype,
@@ -244,6 +252,7 @@ def export_onnx(
         op_counts=dict(Counter(n.op_type for n in _all_nodes(proto))),
         einsum_nodes=[_node_label(n) for n in _all_nodes(proto) if n.op_type == "Einsum"],
         optimization=optimization,
+        seconds=seconds,
     )
     structured_einsums = [n for n in report.einsum_nodes if any(c in n for c in _STRUCTURED_CLASSES)]
     if structured_einsums:
@@ -258,10 +267,11 @@ def export_onnx(
         switched = [
             m for m in work.modules() if isinstance(m, BTTMoELinear) and chooses_by_token_count(m, moe_grouping)
         ]
-        with _tokens_seen(switched) as tokens:  # counted in the parity check's PyTorch forward
-            session = _check_with_onnxruntime(work, args, kwargs, report, names)
-        if switched:
-            _check_by_set_branch(session, work, args, kwargs, report, tokens)
+        with _step(seconds, "check", f"running {path} in ONNX Runtime against PyTorch"):
+            with _tokens_seen(switched) as tokens:  # counted in the parity check's PyTorch forward
+                session = _check_with_onnxruntime(work, args, kwargs, report, names)
+            if switched:
+                _check_by_set_branch(session, work, args, kwargs, report, tokens)
     log.info("%s", report.summary())
     return report
 
@@ -364,26 +374,30 @@ def _run_exporter(
     dynamic: Any,
     opset: int | None,
     translations: Mapping[Any, Callable[..., Any]],
+    seconds: dict[str, float],
 ) -> Any:
-    """torch.export first (to know which module owns a failing op), then the ONNX translation."""
+    """torch.export first (to know which module owns a failing op), then the ONNX translation; their wall times go
+    to ``seconds``."""
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), warnings_silenced():
         try:
-            program = torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=dynamic, strict=False)
+            with _step(seconds, "capture", f"capturing {type(model).__name__} with torch.export"):
+                program = torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=dynamic, strict=False)
         except Exception as e:  # torch.export raises many types
             raise ExportError(
                 f"torch.export could not capture {type(model).__name__}: {_first_line(e)}. The model must be "
                 "exportable (no data-dependent Python control flow); see torch.export's troubleshooting guide"
             ) from e
         try:
-            return torch.onnx.export(
-                program,
-                dynamo=True,
-                opset_version=opset,
-                verbose=False,
-                custom_translation_table=dict(translations),
-                optimize=False,  # _optimize_graph decides
-            )
+            with _step(seconds, "translate", "translating the captured graph to ONNX"):
+                return torch.onnx.export(
+                    program,
+                    dynamo=True,
+                    opset_version=opset,
+                    verbose=False,
+                    custom_translation_table=dict(translations),
+                    optimize=False,  # _optimize_graph decides
+                )
         except Exception as e:  # the ONNX translation raises many types; name the op and its module
             text = _ANSI.sub("", f"{e}")
             op = next((m.group(1) for p in _OP_PATTERNS if (m := p.search(text))), None)
@@ -399,6 +413,18 @@ def _run_exporter(
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@contextlib.contextmanager
+def _step(seconds: dict[str, float], name: str, what: str) -> Iterator[None]:
+    """Log ``what`` (``einrewrite -v`` shows it) and record the wall time it takes in ``seconds[name]``, also when
+    it raises."""
+    log.info("%s", what)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = round(time.perf_counter() - start, 3)
 
 
 def _optimize_graph(program: Any, optimize: bool | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import onnx
@@ -46,6 +47,18 @@ def test_float16_export_runs_in_onnxruntime(tmp_path: Path) -> None:
     assert report.dtype == "float16" and report.checked
     proto = onnx.load(str(tmp_path / "half.onnx"))
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_the_report_times_each_step_and_the_log_names_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    layer = EinsumLinear(structure("btt", 64, 96, rank=2))
+    with caplog.at_level(logging.INFO, logger="einrewrite.export"):
+        report = export_onnx(layer, (torch.randn(4, 64),), tmp_path / "m.onnx")
+    assert list(report.seconds) == ["capture", "translate", "optimize", "save", "check"]
+    assert all(t > 0 for t in report.seconds.values())
+    assert f"took {sum(report.seconds.values()):.1f} s: capture" in report.summary()
+    assert "capturing EinsumLinear with torch.export" in caplog.text and "in ONNX Runtime against" in caplog.text
+    unchecked = export_onnx(layer, (torch.randn(4, 64),), tmp_path / "u.onnx", check=False)
+    assert list(unchecked.seconds) == ["capture", "translate", "optimize", "save"]
 
 
 def test_graph_optimizer_runs_in_full_on_small_graphs_and_only_folds_past_the_limit(

@@ -40,6 +40,7 @@ def test_export_writes_a_checked_onnx_file_and_refuses_to_overwrite(rewritten: P
     assert report["checked"] is True and report["max_abs_diff"] < 1e-4
     assert report["einsum_nodes"] == [] and report["op_counts"]["MatMul"] > 0
     assert report["providers_used"] == ["CPUExecutionProvider"]
+    assert list(report["seconds"]) == ["capture", "translate", "optimize", "save", "check"]
     proto = onnx.load(str(target), load_external_data=False)  # a real ONNX model now, without Einsum
     assert "Einsum" not in {n.op_type for n in proto.graph.node}
 
