@@ -511,8 +511,9 @@ def warnings_silenced() -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # onnx_ir warns on every empty attribute list an ATen translation writes (Mixtral's routing has some)
-        loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir")]
+        # onnx_ir warns on every empty attribute list an ATen translation writes (Mixtral's routing has some);
+        # onnxscript's optimizer logs each graph input it does not fold, which would crowd out `einrewrite -v`
+        loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
         previous = [logger.level for logger in loggers]
         for logger in loggers:
             logger.setLevel(logging.ERROR)
