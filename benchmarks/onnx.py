@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             paths[name] = path
             held = session_memory_mib(path, args.threads) if args.provider == "cpu" else None
             session = onnxruntime_session(path, args.provider, threads=args.threads)
-            print(f"  {name:14s} exported: {sum(report.op_counts.values())} nodes, {size / 2**20:.1f} MiB"
+            print(f"  {name:14s} exported in {sum(report.seconds.values()):.0f} s: "
+                  f"{sum(report.op_counts.values())} nodes, {size / 2**20:.1f} MiB"
                   + ("" if held is None else f", ORT session {held:.0f} MiB") + ", "
                   f"ORT parity {report.max_abs_diff:.2g}; nodes per provider: {placed or 'n/a'}"
                   + (f"; CPU fallback: {len(report.fallback_nodes)}" if report.fallback_nodes else ""))

@@ -63,7 +63,7 @@ def test_onnx_benchmark_quick_prints_ratios() -> None:
     row = re.search(r"^btt\s+([\d.]+)x\s+([\d.]+)x\s+(met|MISSED)\s+([\d.]+)x\s+(met|MISSED)", out, re.M)
     assert row is not None, out
     assert float(row.group(1)) > 5  # the rewrite really cut the linear MACs (1/8 budget)
-    assert "ORT parity" in out
+    assert "ORT parity" in out and re.search(r"^  btt\s+exported in \d+ s: \d+ nodes", out, re.M), out
 
 
 def test_onnx_benchmark_times_btt_moe_with_both_routers() -> None:
