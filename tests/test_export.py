@@ -117,6 +117,8 @@ def test_parity_failure_says_whether_the_model_itself_is_sensitive_to_rounding(
     # atol 0: any rounding difference fails; the model's own float32 vs float64 gap is > 0, so this is the hint
     with pytest.raises(ExportError, match=r"differs from float64 by .* larger atol \(CLI: --atol\)"):
         export_onnx(model, x, tmp_path / "tight.onnx", atol=0.0, rtol=0.0)
+    with pytest.raises(ExportError, match=r"own float16 output differs from float64 by .* larger atol"):
+        export_onnx(model, x, tmp_path / "half.onnx", dtype="float16", atol=0.0, rtol=0.0)
     monkeypatch.setattr(export_module, "_float64_deviation", lambda *a: 0.0)  # as if exact in float32
     with pytest.raises(ExportError, match="the export is not faithful"):
         export_onnx(model, x, tmp_path / "tight.onnx", atol=0.0, rtol=0.0)
