@@ -68,7 +68,9 @@ def test_onnx_benchmark_quick_prints_ratios() -> None:
 
 def test_onnx_benchmark_times_btt_moe_with_both_routers() -> None:
     small = ("--d", "256", "--layers", "1", "--heads", "4", "--batch", "2", "--seq", "64")  # one block
-    out = _run("onnx.py", *small, "--repeats", "1", "--structures", "btt_moe", timeout=240)
+    # float16, as on a GPU: rounding may route tokens to other experts, which must not stop the run
+    out = _run("onnx.py", *small, "--repeats", "1", "--structures", "btt_moe", "--dtype", "float16", timeout=240)
+    assert out.count("(float16 routing, no tolerance)") == 2, out
     loads = dict(re.findall(r"(btt_moe:\w+) .*max expert load ([\d.]+)x balanced", out))
     assert set(loads) == {"btt_moe:init", "btt_moe:random"}, out
     assert float(loads["btt_moe:init"]) == 4.0  # zero routers: every token on experts 0 and 1 (E/k = 4)
