@@ -15,6 +15,10 @@ __all__ = ["bench_command", "export_command"]
 _DIR = click.Path(exists=True, file_okay=False)
 _DTYPE = click.Choice(["float32", "float16"])
 _PROVIDER = click.Choice(["cpu", "cuda"])
+_atol_option = click.option(
+    "--atol", type=click.FloatRange(min=0), default=None,
+    help="Absolute tolerance of the parity check [default: 1e-4 for float32, 2e-2 for float16].",
+)
 _opset_option = click.option(
     "--opset", type=click.IntRange(min=18), default=None,
     help="ONNX opset [default: the torch exporter's, 20]; 23 exports attention as one Attention node.",
@@ -53,8 +57,7 @@ def _parse_tokens(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("--optimize/--no-optimize", default=None,
               help="Run the exporter's full ONNX graph optimizer, or none of it [default: full on graphs of at "
                    f"most {OPTIMIZE_MAX_NODES} nodes, only constant folding on larger ones, where it is slow].")
-@click.option("--atol", type=click.FloatRange(min=0), default=None,
-              help="Absolute tolerance of the parity check [default: 1e-4 for float32, 2e-2 for float16].")
+@_atol_option
 @_opset_option
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export_command(model_dir: str, output: str, dtype: str, provider: str, no_check: bool, force: bool,
@@ -86,17 +89,19 @@ def export_command(model_dir: str, output: str, dtype: str, provider: str, no_ch
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: torch's).")
 @click.option("--no-compile", is_flag=True, help="Skip torch.compile of the rewrite.")
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX Runtime contenders.")
+@_atol_option
 @_opset_option
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def bench_command(model_dir: str, tokens: tuple[int, ...], repeats: int, dtype: str, provider: str,
-                  threads: int | None, no_compile: bool, no_onnx: bool, opset: int | None, as_json: bool) -> None:
+                  threads: int | None, no_compile: bool, no_onnx: bool, atol: float | None, opset: int | None,
+                  as_json: bool) -> None:
     """Time the dense base model and the rewrite in DIR side by side, in one run.
 
     Contenders: dense torch, structured torch eager, structured torch.compile, dense ONNX Runtime and structured
     ONNX Runtime; then the speedups. Timing is interleaved (best of --repeats rounds), so compare ratios.
     """
     rows = bench_saved(model_dir, tokens=tokens, repeats=repeats, providers=provider, dtype=dtype,
-                       compile=not no_compile, onnx=not no_onnx, threads=threads, opset=opset)
+                       compile=not no_compile, onnx=not no_onnx, threads=threads, atol=atol, opset=opset)
     if as_json:
         _echo_json({"type": "BenchResult", "version": 1, "data": {"dir": model_dir, "provider": provider,
                                                                   "dtype": dtype, "rows": [r.to_dict() for r in rows]}})

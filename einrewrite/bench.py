@@ -87,6 +87,7 @@ def compare_models(
     export_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
     device: str | torch.device | None = None,
     opset: int | None = None,
+    atol: float | None = None,
 ) -> list[BenchRow]:
     """Time dense torch, structured torch eager, structured torch.compile, dense ORT and structured ORT.
 
@@ -106,6 +107,7 @@ def compare_models(
             torch.export specialises axes of size 1 (default: ``make_inputs(max(tokens))``).
         device: where the torch models run (default CPU); ``"cuda"`` casts them to ``dtype`` as well.
         opset: ONNX opset of both exports (default: the exporter's).
+        atol: absolute tolerance of both exports' parity checks (default: :func:`export_onnx`'s for ``dtype``).
 
     Returns:
         One :class:`BenchRow` per token count; :func:`format_rows` prints them.
@@ -154,7 +156,7 @@ def compare_models(
                 path = folder / f"{label.split()[0]}.onnx"
                 cpu_model = copy.deepcopy(model).float().cpu() if device.type == "cuda" else model
                 export_onnx(cpu_model, args, path, example_kwargs=kwargs, dtype=dtype,  # type: ignore[arg-type]
-                            providers=providers, opset=opset)
+                            providers=providers, opset=opset, atol=atol)
                 session = onnxruntime_session(path, providers, threads=threads or torch.get_num_threads())
                 contenders[label] = _ort_runner(session, dtype)
         rows = []
@@ -298,6 +300,7 @@ def bench_saved(
     onnx: bool = True,
     threads: int | None = None,
     opset: int | None = None,
+    atol: float | None = None,
 ) -> list[BenchRow]:
     """:func:`compare_models` on an einrewrite output directory: its dense base model against the rewrite.
 
@@ -315,6 +318,7 @@ def bench_saved(
         onnx: also export both models and time them in ONNX Runtime.
         threads: ONNX Runtime intra-op threads (default: torch's).
         opset: ONNX opset of both exports (default: the exporter's).
+        atol: absolute tolerance of both exports' parity checks (default: the exporter's for ``dtype``).
 
     Raises:
         SavedModelError: not an einrewrite directory. ExportError: a provider is missing or an export fails.
@@ -352,4 +356,5 @@ def bench_saved(
         export_inputs=(tuple(args), dict(kwargs)),
         device=device,
         opset=opset,
+        atol=atol,
     )

@@ -128,21 +128,22 @@ def test_bench_prints_every_contender_and_the_ratios(rewritten: Path) -> None:
     assert "1x1" in out and "1x8" in out
 
 
-def test_bench_opset_reaches_both_exports(rewritten: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_opset_and_atol_reach_both_exports(rewritten: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import einrewrite.bench as bench_module
 
-    opsets = []
+    seen = []
     export = bench_module.export_onnx
 
     def spy(*args: object, **kwargs: object) -> object:
-        opsets.append(kwargs.get("opset"))
-        return export(*args, **kwargs)  # type: ignore[arg-type]
+        report = export(*args, **kwargs)  # type: ignore[arg-type]
+        seen.append((kwargs.get("opset"), report.atol))
+        return report
 
     monkeypatch.setattr(bench_module, "export_onnx", spy)
     code, out, err = run("bench", str(rewritten), "--tokens", "16", "--repeats", "1", "--no-compile", "--opset", "23",
-                         "--json")
+                         "--atol", "0.5", "--json")
     assert code == 0, out + err
-    assert opsets == [23, 23]  # the dense base and the rewrite
+    assert seen == [(23, 0.5), (23, 0.5)]  # the dense base and the rewrite, each checked with the tolerance asked
     assert {"dense ORT", "structured ORT"} <= set(json.loads(out)["data"]["rows"][0]["times_ms"])
 
 
