@@ -10,8 +10,10 @@ parity checked, node placement recorded) and times, interleaved best-of-N in the
 * optionally ``dense torch`` (``--dense-torch``).
 
 Each export's line gives its file size and, on CPU, its ORT session's memory: how much a fresh process's
-resident memory grows when ONNX Runtime loads it. It prints the times, the ratios ``dense ORT / structured
-ORT`` (target >= 3x on CPU, >= 2x on CUDA) and ``structured torch / structured ORT`` (target >= 1x), and
+resident memory grows when ONNX Runtime loads it. It prints the best and median times, the ratios ``dense ORT /
+structured ORT`` (target >= 3x on CPU, >= 2x on CUDA; the verdict is on the best times, and the same ratio taken
+round by round, whose median and range say how steady it was while the machine's load moved) and ``structured
+torch / structured ORT`` (target >= 1x), and
 with ``--profile`` the ORT time per op type of each model, which says where the time goes when a target is
 missed.
 
@@ -65,7 +67,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import einrewrite as er  # noqa: E402
-from einrewrite.bench import time_interleaved  # noqa: E402
+from einrewrite.bench import round_ratios, time_rounds  # noqa: E402
 from einrewrite.export import onnxruntime_session  # noqa: E402
 from einrewrite.tables import format_table  # noqa: E402
 from tiny_gpt import build  # noqa: E402
@@ -312,13 +314,15 @@ def main(argv: list[str] | None = None) -> int:
                 runner = copy.deepcopy(model).to(device, torch_dtype) if device.type == "cuda" else model
                 fns[f"{name} torch"] = _torch_runner(runner, idx.to(device), device)
         print(f"  setup {time.perf_counter() - start:.0f} s; timing {args.repeats} interleaved rounds")
-        best = {k: v * 1e3 for k, v in time_interleaved(fns, repeats=args.repeats).items()}
+        rounds = time_rounds(fns, repeats=args.repeats)
+        best = {k: min(v) * 1e3 for k, v in rounds.items()}
         profiles = {}
         if args.profile and args.provider == "cpu":
             profiles = {name: profile_by_op(path, idx, args.threads) for name, path in paths.items()}
 
     print()
-    print(format_table(["contender", "best ms"], [[k, f"{v:.1f}"] for k, v in best.items()]))
+    print(format_table(["contender", "best ms", "median ms"],
+                       [[k, f"{v:.1f}", f"{np.median(rounds[k]) * 1e3:.1f}"] for k, v in best.items()]))
     print()
     target = 2.0 if args.provider == "cuda" else 3.0
     rows = []
@@ -327,15 +331,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         vs_dense = best["dense ORT"] / best[f"{name} ORT"]
         vs_torch = best[f"{name} torch"] / best[f"{name} ORT"]
+        paired = round_ratios(rounds, "dense ORT", f"{name} ORT")
         rows.append([
             name,
             f"{linear_macs(dense) / linear_macs(models[name]):.1f}x",
             f"{vs_dense:.2f}x",
             "met" if vs_dense >= target else "MISSED",
+            f"{np.median(paired):.2f}x ({min(paired):.2f}-{max(paired):.2f})",
             f"{vs_torch:.2f}x",
             "met" if vs_torch >= 1 else "MISSED",
         ])
-    header = ["structure", "MAC red.", "dense ORT / struct ORT", f">={target:g}x", "struct torch / struct ORT", ">=1x"]
+    header = ["structure", "MAC red.", "dense ORT / struct ORT", f">={target:g}x", "per round: median (range)",
+              "struct torch / struct ORT", ">=1x"]
     print(format_table(header, rows))
     if "dense torch" in best:
         print(f"dense torch / dense ORT: {best['dense torch'] / best['dense ORT']:.2f}x")

@@ -30,24 +30,47 @@ __all__ = [
     "format_rows",
     "max_sequence_length",
     "resize_inputs",
+    "round_ratios",
     "time_interleaved",
+    "time_rounds",
 ]
 
 InputFn = Callable[[int], tuple[tuple[Any, ...], dict[str, Any]]]
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Best wall time (s) of each callable over ``repeats`` interleaved rounds."""
+def time_rounds(
+    fns: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall time (s) of each callable in each of ``repeats`` interleaved rounds.
+
+    Round i runs every callable once, back to back, so the i-th times of two callables saw about the same machine
+    load: their ratios round by round (:func:`round_ratios`) stay steady where the load drifts.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    best = {name: float("inf") for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Best wall time (s) of each callable over ``repeats`` interleaved rounds (:func:`time_rounds`)."""
+    return {name: min(times) for name, times in time_rounds(fns, repeats=repeats, warmup=warmup).items()}
+
+
+def round_ratios(times: dict[str, list[float]], slower: str, faster: str) -> list[float]:
+    """``slower / faster`` in each round of :func:`time_rounds`: the speedup of ``faster``, round by round.
+
+    Examples:
+        >>> round_ratios({"dense": [3.0, 4.0], "btt": [1.0, 2.0]}, "dense", "btt")
+        [3.0, 2.0]
+    """
+    return [s / f for s, f in zip(times[slower], times[faster], strict=True)]
 
 
 @dataclass
