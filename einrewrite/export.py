@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import math
@@ -74,6 +75,7 @@ class ExportReport:
     rtol: float | None = None
     checked_shapes: list[list[int]] = field(default_factory=list)  # first input's shape in each parity run
     unchecked: str | None = None  # what the parity check could not run, and why
+    fixed_sizes: list[str] = field(default_factory=list)  # dynamic axes the example had at size 1, fixed at 1
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step, in the order they ran
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +102,11 @@ class ExportReport:
             )
         if self.unchecked:
             lines.append(f"WARNING: not checked: {self.unchecked}")
+        if self.fixed_sizes:
+            lines.append(
+                f"WARNING: takes only size 1 along {', '.join(self.fixed_sizes)}: torch.export fixed the size the "
+                "example had there; export from an example of at least 2 along them to keep them dynamic"
+            )
         if self.seconds:
             steps = ", ".join(f"{name} {t:.1f}" for name, t in self.seconds.items())
             lines.append(f"took {sum(self.seconds.values()):.1f} s: {steps}")
@@ -176,7 +183,10 @@ def export_onnx(
         path: where to write the ``.onnx`` file (weights may go to ``path + ".data"``).
         example_kwargs: keyword inputs (e.g. ``{"use_cache": False}`` for Hugging Face models).
         dynamic_axes: every axis of every input is dynamic except the feature (last) axis of float inputs,
-            so batch and sequence length may change at run time.
+            so batch and sequence length may change at run time. An axis where the example has size 1 (a batch
+            of one) is captured with torch.export's sizes of 1 kept dynamic, as torch.onnx.export does, and
+            checked in ONNX Runtime at size 2; where the graph still holds the 1 somewhere (or without ``check``)
+            the model is exported again with that size fixed, and ``report.fixed_sizes`` lists those axes.
         dtype: ``"float32"`` or ``"float16"`` (the model and its float inputs are cast).
         check: run the model in ONNX Runtime and compare with PyTorch (fp32: atol 1e-4; fp16: 2e-2).
         providers: execution providers for the check, e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]``
@@ -214,8 +224,6 @@ def export_onnx(
         >>> layer = er.EinsumLinear(er.structure("btt", 64, 64, rank=2))
         >>> report = er.export_onnx(layer, (torch.randn(2, 8, 64),), "/tmp/btt.onnx")  # doctest: +SKIP
     """
-    import onnx
-
     if dtype not in _TOLERANCES:
         raise ExportError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
     check_grouping(moe_grouping)
@@ -231,10 +239,58 @@ def export_onnx(
         work = work.half()
         args, kwargs = _cast_floats((args, kwargs), torch.float16)
     dynamic = _dynamic_shapes(work, args, kwargs) if dynamic_axes else None
+    unit = _unit_axes(args, kwargs) if dynamic_axes else []
     seconds: dict[str, float] = {}
+    attempt = functools.partial(
+        _export_once, work, args, kwargs, path, dynamic=dynamic, opset=opset, optimize=optimize, dtype=dtype,
+        moe_grouping=moe_grouping, translations=custom_translation_table, providers=names if check else None,
+        tolerances=(atol, rtol), seconds=seconds,
+    )
+    if not unit:
+        report = attempt(keep_unit_axes=False)
+    elif check:  # keep the size-1 axes dynamic if ONNX Runtime then runs them at size 2, else fix them
+        try:
+            report = attempt(keep_unit_axes=True)
+        except _UnitAxesError as e:
+            log.warning("%s; exporting again with those sizes fixed", e)
+            report = attempt(keep_unit_axes=False)
+            report.fixed_sizes = unit
+    else:  # no ONNX Runtime to tell whether the graph still holds a size 1: fix those sizes, as torch.export does
+        report = attempt(keep_unit_axes=False)
+        report.fixed_sizes = unit
+    if report.fixed_sizes:
+        log.warning("%s: sizes fixed at 1: %s", path, ", ".join(report.fixed_sizes))
+    log.info("exported %s in %.1f s", path, sum(seconds.values()))  # the caller prints report.summary()
+    return report
+
+
+def _export_once(
+    work: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    path: Path,
+    *,
+    dynamic: Any,
+    keep_unit_axes: bool,
+    opset: int | None,
+    optimize: bool | None,
+    dtype: str,
+    moe_grouping: MoEGrouping,
+    translations: Mapping[Any, Callable[..., Any]] | None,
+    providers: list[str] | None,
+    tolerances: tuple[float | None, float | None],
+    seconds: dict[str, float],
+) -> ExportReport:
+    """Capture, translate, optimize, save and (with ``providers``) check one export of :func:`export_onnx`.
+
+    ``keep_unit_axes``: capture with torch.export's sizes of 1 kept dynamic, and check that ONNX Runtime runs
+    them at size 2 (:class:`_UnitAxesError` if not).
+    """
+    import onnx
+
     with onnx_lowering(work, moe_grouping):  # structured layers trace as MatMul chains with pre-arranged weights
-        translations = {**ONNX_TRANSLATIONS, **known_translations(), **(custom_translation_table or {})}
-        program = _run_exporter(work, args, kwargs, dynamic, opset, translations, seconds)
+        table = {**ONNX_TRANSLATIONS, **known_translations(), **(translations or {})}
+        program = _run_exporter(work, args, kwargs, dynamic, opset, table, seconds, keep_unit_axes)
     with _step(seconds, "optimize", "optimizing the ONNX graph"):
         optimization = _optimize_graph(program, optimize)
     with _step(seconds, "save", f"saving and checking {path}"):
@@ -260,8 +316,9 @@ def export_onnx(
             f"structured layers exported raw Einsum nodes {structured_einsums}; they must lower to MatMul chains "
             "(ONNX Runtime runs Einsum slowly and rejects it in bf16): this is an einrewrite bug, please report it"
         )
-    if check:
+    if providers:
         default_atol, default_rtol = _TOLERANCES[dtype]
+        atol, rtol = tolerances
         report.atol = default_atol if atol is None else atol
         report.rtol = default_rtol if rtol is None else rtol
         switched = [
@@ -269,10 +326,11 @@ def export_onnx(
         ]
         with _step(seconds, "check", f"running {path} in ONNX Runtime against PyTorch"):
             with _tokens_seen(switched) as tokens:  # counted in the parity check's PyTorch forward
-                session = _check_with_onnxruntime(work, args, kwargs, report, names)
+                session = _check_with_onnxruntime(work, args, kwargs, report, providers)
+            if keep_unit_axes:
+                _check_unit_axes(session, work, args, kwargs, report)
             if switched:
                 _check_by_set_branch(session, work, args, kwargs, report, tokens)
-    log.info("exported %s in %.1f s", path, sum(seconds.values()))  # the caller prints report.summary()
     return report
 
 
@@ -349,8 +407,7 @@ def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     def spec(value: Any) -> Any:
         if not isinstance(value, Tensor) or value.ndim == 0:
             return None
-        axes = range(value.ndim - 1) if value.is_floating_point() else range(value.ndim)
-        return {i: auto for i in axes}
+        return {i: auto for i in _dynamic_axes_of(value)}
 
     if not kwargs:
         return tuple(spec(a) for a in args)
@@ -375,13 +432,15 @@ def _run_exporter(
     opset: int | None,
     translations: Mapping[Any, Callable[..., Any]],
     seconds: dict[str, float],
+    keep_unit_axes: bool = False,
 ) -> Any:
     """torch.export first (to know which module owns a failing op), then the ONNX translation; their wall times go
-    to ``seconds``."""
+    to ``seconds``. ``keep_unit_axes``: capture with :func:`_sizes_oblivious`."""
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), warnings_silenced():
         try:
-            with _step(seconds, "capture", f"capturing {type(model).__name__} with torch.export"):
+            oblivious = _sizes_oblivious() if keep_unit_axes else contextlib.nullcontext()
+            with _step(seconds, "capture", f"capturing {type(model).__name__} with torch.export"), oblivious:
                 program = torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=dynamic, strict=False)
         except Exception as e:  # torch.export raises many types
             raise ExportError(
@@ -415,16 +474,29 @@ def _run_exporter(
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def _sizes_oblivious() -> Any:
+    """A context in which torch.export keeps a dynamic axis dynamic when the example has size 0 or 1 along it.
+
+    Otherwise an example batch of one sentence, or one token, would export a model that only takes that shape.
+    torch.onnx.export sets the same flag when it captures a model itself (``backed_size_oblivious``); a torch
+    without it gets a null context.
+    """
+    config = getattr(torch.fx.experimental, "_config", None)
+    if config is None or not hasattr(config, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return config.patch(backed_size_oblivious=True)
+
+
 @contextlib.contextmanager
 def _step(seconds: dict[str, float], name: str, what: str) -> Iterator[None]:
-    """Log ``what`` (``einrewrite -v`` shows it) and record the wall time it takes in ``seconds[name]``, also when
-    it raises."""
+    """Log ``what`` (``einrewrite -v`` shows it) and add the wall time it takes to ``seconds[name]``, also when it
+    raises."""
     log.info("%s", what)
     start = time.perf_counter()
     try:
         yield
     finally:
-        seconds[name] = round(time.perf_counter() - start, 3)
+        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - start, 3)  # a retry adds up
 
 
 def _optimize_graph(program: Any, optimize: bool | None) -> str:
@@ -603,10 +675,75 @@ def _check_by_set_branch(
         report.max_abs_diff = max(report.max_abs_diff or 0.0, worst)
 
 
-def _compare(
+def _dynamic_axes_of(value: Tensor) -> range:
+    """The axes :func:`_dynamic_shapes` marks dynamic: all of an integer tensor's, all but a float's last."""
+    return range(value.ndim - 1) if value.is_floating_point() else range(value.ndim)
+
+
+def _check_unit_axes(
     session: Any, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], report: ExportReport
+) -> None:
+    """Check again with every dynamic axis on which the example has size 1 doubled (each such input repeated along
+    it): even with sizes of 1 kept dynamic, torch.export may leave a 1 in the graph (a view shaped from a size it
+    guarded on), which the example alone cannot show. A model that PyTorch cannot run at size 2 is noted in
+    ``report.unchecked``.
+
+    Raises:
+        _UnitAxesError: ONNX Runtime cannot run the doubled example, or disagrees with PyTorch on it.
+    """
+    def doubled(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        return t.repeat(*(2 if i in _dynamic_axes_of(t) and t.shape[i] == 1 else 1 for i in range(t.ndim)))
+
+    big_args, big_kwargs = tree_map(doubled, (args, kwargs))
+    before, after = _feeds(session, args, kwargs), _feeds(session, big_args, big_kwargs)
+    grown = [f"{name} {list(before[name].shape)} -> {list(after[name].shape)}"
+             for name in before if before[name].shape != after[name].shape]
+    if not grown:
+        return
+    try:
+        worst = _compare(session, model, big_args, big_kwargs, report, quiet=True)
+    except _RunError as e:
+        raise _UnitAxesError(f"{report.path}: at size 2 ({', '.join(grown)}) ONNX Runtime fails{e.where}") from e
+    except ExportError as e:  # ORT ran and disagrees with PyTorch
+        raise _UnitAxesError(f"{report.path}: at size 2 ({', '.join(grown)}) the outputs differ ({e})") from e
+    except Exception as e:  # PyTorch itself cannot run the doubled example (a model with fixed sizes)
+        unchecked = f"the dynamic axes of size 1 at size 2 ({', '.join(grown)}: PyTorch: {_first_line(e)})"
+        report.unchecked = f"{report.unchecked}; {unchecked}" if report.unchecked else unchecked
+        log.warning("%s: not checked: %s", report.path, unchecked)
+    else:
+        report.max_abs_diff = max(report.max_abs_diff or 0.0, worst)
+
+
+class _UnitAxesError(ExportError):
+    """The export kept dynamic the axes its example had at size 1, and ONNX Runtime cannot run them at size 2."""
+
+
+def _unit_axes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """The dynamic axes (:func:`_dynamic_axes_of`) of the example's tensors that have size 1, as ``"input_ids axis
+    0"`` (``"input 0 axis 0"`` for positional inputs, ``"input 0.1 axis 0"`` inside a tuple)."""
+    named = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    found = []
+    for name, value in named:
+        leaves = tree_leaves(value)
+        for j, t in enumerate(leaves):
+            if isinstance(t, Tensor):
+                label = name if len(leaves) == 1 else f"{name}.{j}"
+                found += [f"{label} axis {i}" for i in _dynamic_axes_of(t) if t.shape[i] == 1]
+    return found
+
+
+def _compare(
+    session: Any,
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    report: ExportReport,
+    quiet: bool = False,
 ) -> float:
-    """Max |ORT - PyTorch| over the outputs on one input, recorded in ``report.checked_shapes``.
+    """Max |ORT - PyTorch| over the outputs on one input, recorded in ``report.checked_shapes`` (``quiet``: see
+    :func:`_run`).
 
     Raises:
         ExportError: the outputs differ beyond the report's tolerances, or do not match in number or shape.
@@ -614,7 +751,7 @@ def _compare(
     feeds = _feeds(session, args, kwargs)
     with torch.no_grad():
         expected = [t.detach().float().numpy() for t in tree_leaves(model(*args, **kwargs)) if isinstance(t, Tensor)]
-    got = _run(session, feeds, report)
+    got = _run(session, feeds, report, quiet)
     report.checked_shapes.append(list(next(iter(feeds.values())).shape))
     if len(got) != len(expected):
         raise ExportError(f"ONNX model {report.path} has {len(got)} outputs but PyTorch returned {len(expected)}")
@@ -661,25 +798,36 @@ def _float64_deviation(
 
 
 class _RunError(ExportError):
-    """ONNX Runtime loaded the exported model but could not run it on an input."""
+    """ONNX Runtime loaded the exported model but could not run it on an input; ``where``: the failing node, as
+    ``" at node 'name' in layer 'fqn'"`` (empty when ORT did not name it)."""
+
+    where = ""
 
 
 _ORT_NODE = re.compile(r"Name:'([^']+)'")  # how ONNX Runtime names the node that failed
 
 
-def _run(session: Any, feeds: dict[str, np.ndarray], report: ExportReport) -> list[Any]:
-    """``session.run`` on ``feeds``; a failure becomes a :class:`_RunError` naming the node and its layer."""
+def _run(session: Any, feeds: dict[str, np.ndarray], report: ExportReport, quiet: bool = False) -> list[Any]:
+    """``session.run`` on ``feeds``; a failure becomes a :class:`_RunError` naming the node and its layer.
+    ``quiet``: ONNX Runtime does not also log the failure (a run that is expected to fail)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    if quiet:
+        options.log_severity_level = 4  # fatal only
     try:
-        return list(session.run(None, feeds))
+        return list(session.run(None, feeds, options))
     except Exception as e:  # onnxruntime raises its own InvalidArgument/Fail/RuntimeException types
         node = _ORT_NODE.search(f"{e}")
         where = f" at node {_located(report.path, node.group(1))}" if node else ""
         shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feeds.items())
-        raise _RunError(
+        error = _RunError(
             f"ONNX Runtime loaded {report.path} but could not run it{where} on {shapes}: {_first_line(e)}. The "
             "file is written; export with optimize=False (CLI: --no-optimize) in case a graph optimization made "
             "that node, or with another opset, and report the failure if it stays"
-        ) from e
+        )
+        error.where = where
+        raise error from e
 
 
 def _located(path: str, name: str) -> str:

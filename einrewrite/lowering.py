@@ -270,11 +270,11 @@ def lowered_forward(layer: EinsumLinear, x: Tensor) -> Tensor:
         return F.linear(x, layer.weight, layer.bias)  # (..., d_out): MatMul/Gemm
     plan = lowering_plan(layer.spec)
     weights = attached_weights(layer) or arranged_weights(layer, plan)
-    z = x.reshape(-1, layer.in_features)  # (N, d_in)
+    z = _compact(x).reshape(-1, layer.in_features)  # (N, d_in)
     if plan.pad_in:
         z = F.pad(z, (0, plan.pad_in))  # (N, γβα): padded features are zeros
     for stage, w in zip(plan.stages, weights, strict=True):
-        z = stage.rearrange.apply(z)  # (Bt, [O,] K, I): the MatMul's right operand
+        z = _compact(stage.rearrange.apply(z))  # (Bt, [O,] K, I): the MatMul's right operand
         if stage.outer_product:
             z = z.unsqueeze(-2)  # (Bt, [O,] 1, I): nothing to contract
         z = torch.matmul(w, z)  # (Bt, [O,] F, I): token axis last
@@ -282,7 +282,7 @@ def lowered_forward(layer: EinsumLinear, x: Tensor) -> Tensor:
     if plan.output_feature_major:
         if plan.crop_out is not None:
             y = y[: plan.crop_out]  # (d_out, N): crop before the copy
-        y = y.permute(1, 0)  # (N, d_out): the layer's one activation Transpose
+        y = _compact(y.permute(1, 0))  # (N, d_out): the layer's one activation Transpose
     elif plan.crop_out is not None:
         y = y[:, : plan.crop_out]  # (N, d_out)
     y = y.reshape(*lead, layer.out_features)  # (..., d_out)
@@ -290,6 +290,16 @@ def lowered_forward(layer: EinsumLinear, x: Tensor) -> Tensor:
         # After the reshape, as nn.Linear's bias: ORT then fuses it with what follows (BiasGelu, SkipLayerNorm).
         y = y + layer.bias.to(y.dtype)  # (..., d_out)
     return y
+
+
+def _compact(t: Tensor) -> Tensor:
+    """``t`` as a fresh contiguous tensor, to reshape without asking whether a view would do.
+
+    On a strided tensor (a slice such as BERT's ``hidden[:, 0]``, a permute) that question is a guard on its
+    sizes, and torch.export answers it with the example's sizes: an example batch of one became a graph that only
+    takes one. In ONNX a tensor has no strides, and this is no node at all once the graph is optimized.
+    """
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def is_lowered_weight(name: str) -> bool:

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from einrewrite import STRUCTURES, EinsumLinear, EinsumSpec, ExportError, export_onnx, structure
+from einrewrite import (
+    STRUCTURES, EinsumLinear, EinsumSpec, ExportError, RewriteConfig, export_onnx, rewrite, structure,
+)
 from einrewrite import export as export_module
 from einrewrite.export import onnxruntime_session
 
@@ -226,3 +228,61 @@ def test_nodes_keep_their_module_path_but_not_the_exporters_stack_traces(tmp_pat
     keys = [{p.key for p in node.metadata_props} for node in onnx.load(str(tmp_path / "m.onnx")).graph.node]
     assert any("pkg.torch.onnx.name_scopes" in k for k in keys)  # where each node came from stays
     assert not any(k & {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"} for k in keys)
+
+
+def _two_btt_layers() -> nn.Module:
+    """Token ids -> embedding -> two BTT layers."""
+    return nn.Sequential(
+        nn.Embedding(128, 64), EinsumLinear(structure("btt", 64, 96, rank=2)), nn.GELU(),
+        EinsumLinear(structure("btt", 96, 64, rank=2)),
+    ).eval()
+
+
+def _input_dims(path: Path) -> list[int | str]:
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
+
+
+def test_an_example_batch_of_one_keeps_the_batch_dynamic(tmp_path: Path) -> None:
+    dense, example = models.tiny_gpt()
+    model, _ = rewrite(dense, RewriteConfig(structure="btt"), example)
+    ids = example[0][:1]  # one sequence
+    report = export_onnx(model, (ids,), tmp_path / "one.onnx")
+    assert report.fixed_sizes == [] and report.checked_shapes == [[1, 16], [2, 16]]  # checked at batch 2 as well
+    assert all(isinstance(d, str) for d in _input_dims(tmp_path / "one.onnx"))
+    session = onnxruntime_session(tmp_path / "one.onnx")
+    ids = torch.randint(0, 64, (3, 7))
+    (got,) = session.run(None, {session.get_inputs()[0].name: ids.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), model(ids).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_without_a_check_a_size_of_one_is_fixed_and_reported(tmp_path: Path) -> None:
+    report = export_onnx(_two_btt_layers(), (torch.randint(0, 128, (1, 8)),), tmp_path / "u.onnx", check=False)
+    assert report.fixed_sizes == ["input 0 axis 0"]
+    assert _input_dims(tmp_path / "u.onnx")[0] == 1  # a batch of one, and nothing else, as the report says
+    assert "WARNING: takes only size 1 along input 0 axis 0" in report.summary()
+
+
+def test_a_size_of_one_the_graph_still_holds_is_exported_again_fixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    checks = []
+
+    def fails_at_size_two(*args: object, **kwargs: object) -> None:
+        checks.append(1)
+        raise export_module._UnitAxesError("at size 2 ONNX Runtime fails")
+
+    monkeypatch.setattr(export_module, "_check_unit_axes", fails_at_size_two)
+    ids = torch.randint(0, 128, (1, 8))
+    with caplog.at_level(logging.WARNING):
+        report = export_onnx(_two_btt_layers(), (ids,), tmp_path / "r.onnx")
+    assert len(checks) == 1 and report.checked  # the second export is checked at the example, and not at size 2
+    assert report.fixed_sizes == ["input 0 axis 0"] and _input_dims(tmp_path / "r.onnx")[0] == 1
+    assert "exporting again with those sizes fixed" in caplog.text
+
+
+def test_size_one_axes_are_named_by_input() -> None:
+    ids, mask, pixels = torch.ones(1, 8, dtype=torch.long), torch.ones(1, 8), torch.ones(1, 3, 1, 5)
+    found = export_module._unit_axes((ids,), {"attention_mask": mask, "pixel_values": pixels, "flag": True})
+    # ints: every axis; floats: all but the last (features)
+    assert found == ["input 0 axis 0", "attention_mask axis 0", "pixel_values axis 0", "pixel_values axis 2"]

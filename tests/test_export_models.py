@@ -208,3 +208,12 @@ def test_strided_example_inputs_export(tmp_path: Path) -> None:
     assert not ids.is_contiguous()
     report = export_onnx(new, (ids,), tmp_path / "strided.onnx")
     assert report.checked
+
+
+def test_rewritten_bert_exported_from_one_sentence_keeps_the_batch_dynamic(tmp_path: Path) -> None:
+    """BERT's pooler feeds its dense layer a strided slice (``hidden[:, 0]``): reshaping it asks torch.export
+    whether a view would do, a guard that fixed a batch of one in the graph."""
+    factory, config, _ = CASES["bert"]
+    new, _ = rewrite(factory(), config, _inputs("bert", 2, 8))
+    report = export_onnx(new, (), tmp_path / "bert1.onnx", example_kwargs=_inputs("bert", 1, 8))
+    assert report.fixed_sizes == [] and report.checked_shapes == [[1, 8], [2, 8]]
