@@ -251,8 +251,9 @@ def export_onnx(
     elif check:  # keep the size-1 axes dynamic if ONNX Runtime then runs them at size 2, else fix them
         try:
             report = attempt(keep_unit_axes=True)
-        except _UnitAxesError as e:
-            log.warning("%s; exporting again with those sizes fixed", e)
+        except ExportError as e:  # mostly _UnitAxesError; else maybe the flag: never worse than without it
+            why = e if isinstance(e, _UnitAxesError) else f"with the sizes of 1 kept dynamic: {_first_line(e)}"
+            log.warning("%s; exporting again with those sizes fixed", why)
             report = attempt(keep_unit_axes=False)
             report.fixed_sizes = unit
     else:  # no ONNX Runtime to tell whether the graph still holds a size 1: fix those sizes, as torch.export does
