@@ -670,8 +670,7 @@ def _check_by_set_branch(
         if isinstance(e, ExportError) and not isinstance(e, _RunError):
             raise  # ORT ran and disagrees with PyTorch
         why = (e.__cause__ or e) if isinstance(e, _RunError) else e  # ORT or PyTorch cannot run the larger batch
-        report.unchecked = f"BTT-MoE grouping by expert set (the example repeated {times}x: {_first_line(why)})"
-        log.warning("%s: %s", report.path, report.unchecked)
+        _note_unchecked(report, f"BTT-MoE grouping by expert set (the example repeated {times}x: {_first_line(why)})")
     else:
         report.max_abs_diff = max(report.max_abs_diff or 0.0, worst)
 
@@ -710,11 +709,15 @@ def _check_unit_axes(
     except ExportError as e:  # ORT ran and disagrees with PyTorch
         raise _UnitAxesError(f"{report.path}: at size 2 ({', '.join(grown)}) the outputs differ ({e})") from e
     except Exception as e:  # PyTorch itself cannot run the doubled example (a model with fixed sizes)
-        unchecked = f"the dynamic axes of size 1 at size 2 ({', '.join(grown)}: PyTorch: {_first_line(e)})"
-        report.unchecked = f"{report.unchecked}; {unchecked}" if report.unchecked else unchecked
-        log.warning("%s: not checked: %s", report.path, unchecked)
+        _note_unchecked(report, f"the dynamic axes of size 1 at size 2 ({', '.join(grown)}: PyTorch: {_first_line(e)})")
     else:
         report.max_abs_diff = max(report.max_abs_diff or 0.0, worst)
+
+
+def _note_unchecked(report: ExportReport, what: str) -> None:
+    """Add ``what`` to the checks the report lists as not run, and log it."""
+    report.unchecked = f"{report.unchecked}; {what}" if report.unchecked else what
+    log.warning("%s: not checked: %s", report.path, what)
 
 
 class _UnitAxesError(ExportError):
