@@ -105,7 +105,8 @@ class ExportReport:
         if self.fixed_sizes:
             lines.append(
                 f"WARNING: takes only size 1 along {', '.join(self.fixed_sizes)}: torch.export fixed the size the "
-                "example had there; export from an example of at least 2 along them to keep them dynamic"
+                "example had there; export from an example of at least 2 along them to keep them dynamic (CLI: the "
+                "example is the one the rewrite saved, from its factory or the model's config)"
             )
         if self.seconds:
             steps = ", ".join(f"{name} {t:.1f}" for name, t in self.seconds.items())
