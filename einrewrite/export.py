@@ -247,9 +247,7 @@ def export_onnx(
         moe_grouping=moe_grouping, translations=custom_translation_table, providers=names if check else None,
         tolerances=(atol, rtol), seconds=seconds,
     )
-    if not unit:
-        report = attempt(keep_unit_axes=False)
-    elif check:  # keep the size-1 axes dynamic if ONNX Runtime then runs them at size 2, else fix them
+    if unit and check:  # keep the size-1 axes dynamic if ONNX Runtime then runs them at size 2, else fix them
         try:
             report = attempt(keep_unit_axes=True)
         except ExportError as e:  # mostly _UnitAxesError; else maybe the flag: never worse than without it
@@ -257,7 +255,7 @@ def export_onnx(
             log.warning("%s; exporting again with those sizes fixed", why)
             report = attempt(keep_unit_axes=False)
             report.fixed_sizes = unit
-    else:  # no ONNX Runtime to tell whether the graph still holds a size 1: fix those sizes, as torch.export does
+    else:  # no size-1 axis, or no ONNX Runtime to tell whether the graph still holds a 1: torch.export fixes them
         report = attempt(keep_unit_axes=False)
         report.fixed_sizes = unit
     if report.fixed_sizes:
