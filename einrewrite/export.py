@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import io
 import logging
 import math
@@ -240,7 +241,7 @@ def export_onnx(
         work = work.half()
         args, kwargs = _cast_floats((args, kwargs), torch.float16)
     dynamic = _dynamic_shapes(work, args, kwargs) if dynamic_axes else None
-    unit = _unit_axes(args, kwargs) if dynamic_axes else []
+    unit = _unit_axes(work, args, kwargs) if dynamic_axes else []
     seconds: dict[str, float] = {}
     attempt = functools.partial(
         _export_once, work, args, kwargs, path, dynamic=dynamic, opset=opset, optimize=optimize, dtype=dtype,
@@ -411,10 +412,26 @@ def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
 
     if not kwargs:
         return tuple(spec(a) for a in args)
-    import inspect
-
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def _named_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The inputs under the names of ``model.forward``'s parameters, which torch.export gives the ONNX inputs
+    (those passed through ``**kwargs`` under their keywords; ``"input 0"``, ``"input 1"`` ... for positional inputs
+    when the signature cannot be bound)."""
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):  # no signature, or one the example does not fit: torch.export will say so
+        return [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    named: list[tuple[str, Any]] = []
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:  # **kwargs: each under its own name
+            named += list(value.items())
+        else:
+            named.append((name, value))
+    return named
 
 
 _OP_PATTERNS = (
@@ -589,11 +606,19 @@ def warnings_silenced() -> Any:
         previous = [logger.level for logger in loggers]
         for logger in loggers:
             logger.setLevel(logging.ERROR)
+        # torch.export warns of each axis it fixes at the example's size 1; the report names them (fixed_sizes)
+        capture = logging.getLogger("torch._export.non_strict_utils")
+        capture.addFilter(_drop_size_one_notes)
         try:
             yield
         finally:
             for logger, level in zip(loggers, previous, strict=True):
                 logger.setLevel(level)
+            capture.removeFilter(_drop_size_one_notes)
+
+
+def _drop_size_one_notes(record: logging.LogRecord) -> bool:
+    return "0/1 specialized" not in record.getMessage()
 
 
 def _all_nodes(proto: Any) -> list[Any]:
@@ -723,12 +748,11 @@ class _UnitAxesError(ExportError):
     """The export kept dynamic the axes its example had at size 1, and ONNX Runtime cannot run them at size 2."""
 
 
-def _unit_axes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+def _unit_axes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
     """The dynamic axes (:func:`_dynamic_axes_of`) of the example's tensors that have size 1, as ``"input_ids axis
-    0"`` (``"input 0 axis 0"`` for positional inputs, ``"input 0.1 axis 0"`` inside a tuple)."""
-    named = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    0"``, inputs named by :func:`_named_inputs` (``"past.1 axis 0"`` inside a tuple)."""
     found = []
-    for name, value in named:
+    for name, value in _named_inputs(model, args, kwargs):
         leaves = tree_leaves(value)
         for j, t in enumerate(leaves):
             if isinstance(t, Tensor):

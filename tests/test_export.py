@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from einrewrite import (
     STRUCTURES, EinsumLinear, EinsumSpec, ExportError, RewriteConfig, export_onnx, rewrite, structure,
@@ -257,10 +258,27 @@ def test_an_example_batch_of_one_keeps_the_batch_dynamic(tmp_path: Path) -> None
 
 
 def test_without_a_check_a_size_of_one_is_fixed_and_reported(tmp_path: Path) -> None:
-    report = export_onnx(_two_btt_layers(), (torch.randint(0, 128, (1, 8)),), tmp_path / "u.onnx", check=False)
-    assert report.fixed_sizes == ["input 0 axis 0"]
+    torch_notes = _Records()
+    capture_log = logging.getLogger("torch._export.non_strict_utils")  # where torch.export notes the fixed size
+    capture_log.addHandler(torch_notes)
+    try:
+        report = export_onnx(_two_btt_layers(), (torch.randint(0, 128, (1, 8)),), tmp_path / "u.onnx", check=False)
+    finally:
+        capture_log.removeHandler(torch_notes)
+    assert report.fixed_sizes == ["input axis 0"]  # Sequential.forward(input): the ONNX input's name too
+    assert onnx.load(str(tmp_path / "u.onnx"), load_external_data=False).graph.input[0].name == "input"
     assert _input_dims(tmp_path / "u.onnx")[0] == 1  # a batch of one, and nothing else, as the report says
-    assert "WARNING: takes only size 1 along input 0 axis 0" in report.summary()
+    assert "WARNING: takes only size 1 along input axis 0" in report.summary()
+    assert not [m for m in torch_notes.messages if "specialized" in m]  # torch.export's own note is not repeated
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 @pytest.mark.parametrize("error", ["unit axes", "other"])
@@ -280,12 +298,20 @@ def test_a_size_of_one_the_graph_still_holds_is_exported_again_fixed(
     with caplog.at_level(logging.WARNING):
         report = export_onnx(_two_btt_layers(), (ids,), tmp_path / "r.onnx")
     assert len(checks) == 1 and report.checked  # the second export is checked at the example, and not at size 2
-    assert report.fixed_sizes == ["input 0 axis 0"] and _input_dims(tmp_path / "r.onnx")[0] == 1
+    assert report.fixed_sizes == ["input axis 0"] and _input_dims(tmp_path / "r.onnx")[0] == 1
     assert "exporting again with those sizes fixed" in caplog.text
+
+
+class _ThreeInputs(nn.Module):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **extra: Any) -> Tensor:
+        return input_ids
 
 
 def test_size_one_axes_are_named_by_input() -> None:
     ids, mask, pixels = torch.ones(1, 8, dtype=torch.long), torch.ones(1, 8), torch.ones(1, 3, 1, 5)
-    found = export_module._unit_axes((ids,), {"attention_mask": mask, "pixel_values": pixels, "flag": True})
-    # ints: every axis; floats: all but the last (features)
-    assert found == ["input 0 axis 0", "attention_mask axis 0", "pixel_values axis 0", "pixel_values axis 2"]
+    inputs = {"attention_mask": mask, "pixel_values": pixels, "flag": True}
+    found = export_module._unit_axes(_ThreeInputs(), (ids,), inputs)
+    # named as forward's parameters (keywords of **extra by their own name); ints: every axis; floats: all but last
+    assert found == ["input_ids axis 0", "attention_mask axis 0", "pixel_values axis 0", "pixel_values axis 2"]
+    unbound = export_module._unit_axes(_ThreeInputs(), (ids, mask, pixels), {})  # too many positional inputs
+    assert unbound == ["input 0 axis 0", "input 1 axis 0", "input 2 axis 0", "input 2 axis 2"]
