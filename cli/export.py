@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from einrewrite.bench import bench_saved, format_rows
+from einrewrite.bench import bench_saved, format_rows, slower_than_dense
 from einrewrite.export import OPTIMIZE_MAX_NODES, export_saved
 
 __all__ = ["bench_command", "export_command"]
@@ -108,3 +108,5 @@ def bench_command(model_dir: str, tokens: tuple[int, ...], repeats: int, dtype: 
     else:
         click.echo(f"{model_dir}: dense base vs rewrite ({provider}, {dtype}; best of {repeats} interleaved rounds)")
         click.echo(format_rows(rows))
+        for line in slower_than_dense(rows):
+            click.echo(line)

@@ -31,6 +31,7 @@ __all__ = [
     "max_sequence_length",
     "resize_inputs",
     "round_ratios",
+    "slower_than_dense",
     "time_interleaved",
     "time_rounds",
 ]
@@ -243,6 +244,29 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
             cells.append("-" if value is None else f"{value:.2f}x")
         body.append(cells)
     return format_table(header, body)
+
+
+def slower_than_dense(rows: Sequence[BenchRow]) -> list[str]:
+    """One line per runtime (torch, ONNX Runtime) in which the rewrite ran slower than the dense model, naming the
+    token counts and the ratios: fewer FLOPs that run slower are what users report first, so a table cell alone is
+    not enough.
+
+    Examples:
+        >>> rows = [BenchRow(1, {"dense ORT": 1.0, "structured ORT": 2.0}),
+        ...         BenchRow(512, {"dense ORT": 8.0, "structured ORT": 2.0})]
+        >>> slower_than_dense(rows)
+        ['SLOWER than dense in ONNX Runtime at 1 token (0.50x)']
+    """
+    lines = []
+    for runtime, dense, structured in (("torch", "dense torch", "structured torch"),
+                                       ("ONNX Runtime", "dense ORT", "structured ORT")):
+        slow = [(row.tokens, ratio) for row in rows if (ratio := row.ratio(dense, structured)) is not None and ratio < 1]
+        if slow:
+            counts = ", ".join(str(tokens) for tokens, _ in slow)
+            ratios = ", ".join(f"{ratio:.2f}x" for _, ratio in slow)
+            plural = "" if [tokens for tokens, _ in slow] == [1] else "s"
+            lines.append(f"SLOWER than dense in {runtime} at {counts} token{plural} ({ratios})")
+    return lines
 
 
 # ---- inputs of a given token count ---------------------------------------------------------------------

@@ -39,3 +39,16 @@ def test_best_time_is_the_fastest_round(monkeypatch: pytest.MonkeyPatch) -> None
 def test_round_ratios_need_the_same_rounds() -> None:
     with pytest.raises(ValueError):
         bench.round_ratios({"a": [1.0, 2.0], "b": [1.0]}, "a", "b")
+
+
+def test_slower_than_dense_names_each_runtime_its_token_counts_and_ratios() -> None:
+    rows = [
+        bench.BenchRow(1, {"dense torch": 1.0, "structured torch": 4.0, "dense ORT": 1.0, "structured ORT": 2.0}),
+        bench.BenchRow(512, {"dense torch": 8.0, "structured torch": 2.0, "dense ORT": 3.0, "structured ORT": 4.0}),
+        bench.BenchRow(2048, {"dense torch": 9.0, "structured torch": 9.0}),  # equal is not slower; no ORT timed
+    ]
+    assert bench.slower_than_dense(rows) == [
+        "SLOWER than dense in torch at 1 token (0.25x)",
+        "SLOWER than dense in ONNX Runtime at 1, 512 tokens (0.50x, 0.75x)",
+    ]
+    assert bench.slower_than_dense(rows[2:]) == []

@@ -128,6 +128,18 @@ def test_bench_prints_every_contender_and_the_ratios(rewritten: Path) -> None:
     assert "1x1" in out and "1x8" in out
 
 
+def test_bench_says_where_the_rewrite_ran_slower_than_dense(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import einrewrite.cli.export as export_command
+    from einrewrite.bench import BenchRow
+
+    times = {"dense torch": 2.0, "structured torch": 4.0, "dense ORT": 1.0, "structured ORT": 0.5}
+    rows = [BenchRow(1, dict(times), (1, 1)), BenchRow(512, {**times, "structured torch": 1.0}, (4, 128))]
+    monkeypatch.setattr(export_command, "bench_saved", lambda *args, **kwargs: rows)
+    code, out, err = run("bench", str(tmp_path), "--tokens", "1,512", "--no-compile")
+    assert code == 0, out + err
+    assert out.splitlines()[-1] == "SLOWER than dense in torch at 1 token (0.50x)"  # ONNX Runtime: faster at both
+
+
 def test_bench_opset_and_atol_reach_both_exports(rewritten: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import einrewrite.bench as bench_module
 
