@@ -77,6 +77,7 @@ class ExportReport:
     checked_shapes: list[list[int]] = field(default_factory=list)  # first input's shape in each parity run
     unchecked: str | None = None  # what the parity check could not run, and why
     fixed_sizes: list[str] = field(default_factory=list)  # dynamic axes the example had at size 1, fixed at 1
+    doubled_sizes: list[str] = field(default_factory=list)  # ... kept dynamic by capturing the example doubled
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step, in the order they ran
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +104,11 @@ class ExportReport:
             )
         if self.unchecked:
             lines.append(f"WARNING: not checked: {self.unchecked}")
+        if self.doubled_sizes:
+            lines.append(
+                f"captured from the example doubled along {', '.join(self.doubled_sizes)}, where it had size 1 "
+                "(torch.export would have fixed that size), and checked at both sizes"
+            )
         if self.fixed_sizes:
             lines.append(
                 f"WARNING: takes only size 1 along {', '.join(self.fixed_sizes)}: torch.export fixed the size the "
@@ -185,10 +191,11 @@ def export_onnx(
         path: where to write the ``.onnx`` file (weights may go to ``path + ".data"``).
         example_kwargs: keyword inputs (e.g. ``{"use_cache": False}`` for Hugging Face models).
         dynamic_axes: every axis of every input is dynamic except the feature (last) axis of float inputs,
-            so batch and sequence length may change at run time. An axis where the example has size 1 (a batch
-            of one) is captured with torch.export's sizes of 1 kept dynamic, as torch.onnx.export does, and
-            checked in ONNX Runtime at size 2; where the graph still holds the 1 somewhere (or without ``check``)
-            the model is exported again with that size fixed, and ``report.fixed_sizes`` lists those axes.
+            so batch and sequence length may change at run time. Where the example has size 1 on such an axis
+            (a batch of one), torch.export would fix that size: the model is captured from the example doubled
+            along it and checked in ONNX Runtime at both sizes (``report.doubled_sizes``), else captured with
+            sizes of 1 kept dynamic and checked at size 2, else (and without ``check``) exported with that size
+            fixed, which ``report.fixed_sizes`` lists.
         dtype: ``"float32"`` or ``"float16"`` (the model and its float inputs are cast).
         check: run the model in ONNX Runtime and compare with PyTorch (fp32: atol 1e-4; fp16: 2e-2).
         providers: execution providers for the check, e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]``
@@ -244,25 +251,69 @@ def export_onnx(
     unit = _unit_axes(work, args, kwargs) if dynamic_axes else []
     seconds: dict[str, float] = {}
     attempt = functools.partial(
-        _export_once, work, args, kwargs, path, dynamic=dynamic, opset=opset, optimize=optimize, dtype=dtype,
+        _export_once, work, path=path, dynamic=dynamic, opset=opset, optimize=optimize, dtype=dtype,
         moe_grouping=moe_grouping, translations=custom_translation_table, providers=names if check else None,
         tolerances=(atol, rtol), seconds=seconds,
     )
-    if unit and check:  # keep the size-1 axes dynamic if ONNX Runtime then runs them at size 2, else fix them
-        try:
-            report = attempt(keep_unit_axes=True)
-        except ExportError as e:  # mostly _UnitAxesError; else maybe the flag: never worse than without it
-            why = e if isinstance(e, _UnitAxesError) else f"with the sizes of 1 kept dynamic: {_first_line(e)}"
-            log.warning("%s; exporting again with those sizes fixed", why)
-            report = attempt(keep_unit_axes=False)
-            report.fixed_sizes = unit
+    if unit and check:  # keep the size-1 axes dynamic where ONNX Runtime shows that the graph runs them
+        report = _export_with_unit_axes(attempt, work, args, kwargs, unit)
     else:  # no size-1 axis, or no ONNX Runtime to tell whether the graph still holds a 1: torch.export fixes them
-        report = attempt(keep_unit_axes=False)
+        report = attempt(args, kwargs)
         report.fixed_sizes = unit
     if report.fixed_sizes:
         log.warning("%s: sizes fixed at 1: %s", path, ", ".join(report.fixed_sizes))
     log.info("exported %s in %.1f s", path, sum(seconds.values()))  # the caller prints report.summary()
     return report
+
+
+def _export_with_unit_axes(
+    attempt: Callable[..., ExportReport], work: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], unit: list[str]
+) -> ExportReport:
+    """Export from an example of size 1 along the dynamic axes ``unit`` so that they stay dynamic, trying in turn:
+
+    1. the example doubled along them (:func:`_doubled`), captured as usual (torch.export fixes a size of 1, not
+       of 2) and checked in ONNX Runtime at the doubled example and at the example itself
+       (:func:`_check_example_itself`); skipped when PyTorch cannot run the doubled example;
+    2. the example as given, captured with sizes of 1 kept dynamic and checked at size 2 as well
+       (:func:`_check_unit_axes`): for graphs traced at size 2 that do not run at 1;
+    3. the example as given with those sizes fixed at 1, listed in ``report.fixed_sizes``.
+
+    ``attempt``: :func:`_export_once` with everything but the example bound.
+    """
+    big_args, big_kwargs = _doubled(args, kwargs)
+    try:
+        with torch.no_grad():
+            work(*big_args, **big_kwargs)
+    except Exception as e:  # a model that only runs at size 1 there
+        log.info("PyTorch cannot run the example doubled along %s (%s)", ", ".join(unit), _first_line(e))
+    else:
+        try:
+            report = attempt(big_args, big_kwargs, also_check=(args, kwargs))
+        except ExportError as e:
+            log.warning("from the example doubled along %s: %s; exporting again from the example itself with "
+                        "those sizes kept dynamic", ", ".join(unit), _first_line(e))
+        else:
+            report.doubled_sizes = unit
+            return report
+    try:
+        return attempt(args, kwargs, keep_unit_axes=True)
+    except ExportError as e:  # mostly _UnitAxesError; else maybe the flag: never worse than without it
+        why = e if isinstance(e, _UnitAxesError) else f"with the sizes of 1 kept dynamic: {_first_line(e)}"
+        log.warning("%s; exporting again with those sizes fixed", why)
+    report = attempt(args, kwargs)
+    report.fixed_sizes = unit
+    return report
+
+
+def _doubled(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The example with every tensor repeated twice along each of its dynamic axes (:func:`_dynamic_axes_of`) where
+    it has size 1."""
+    def grow(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        return t.repeat(*(2 if i in _dynamic_axes_of(t) and t.shape[i] == 1 else 1 for i in range(t.ndim)))
+
+    return tree_map(grow, (args, kwargs))
 
 
 def _export_once(
@@ -272,7 +323,8 @@ def _export_once(
     path: Path,
     *,
     dynamic: Any,
-    keep_unit_axes: bool,
+    keep_unit_axes: bool = False,
+    also_check: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
     opset: int | None,
     optimize: bool | None,
     dtype: str,
@@ -328,6 +380,8 @@ def _export_once(
         with _step(seconds, "check", f"running {path} in ONNX Runtime against PyTorch"):
             with _tokens_seen(switched) as tokens:  # counted in the parity check's PyTorch forward
                 session = _check_with_onnxruntime(work, args, kwargs, report, providers)
+            if also_check is not None:
+                _check_example_itself(session, work, *also_check, report)
             if keep_unit_axes:
                 _check_unit_axes(session, work, args, kwargs, report)
             if switched:
@@ -715,12 +769,7 @@ def _check_unit_axes(
     Raises:
         _UnitAxesError: ONNX Runtime cannot run the doubled example, or disagrees with PyTorch on it.
     """
-    def doubled(t: Any) -> Any:
-        if not isinstance(t, Tensor):
-            return t
-        return t.repeat(*(2 if i in _dynamic_axes_of(t) and t.shape[i] == 1 else 1 for i in range(t.ndim)))
-
-    big_args, big_kwargs = tree_map(doubled, (args, kwargs))
+    big_args, big_kwargs = _doubled(args, kwargs)
     before, after = _feeds(session, args, kwargs), _feeds(session, big_args, big_kwargs)
     grown = [f"{name} {list(before[name].shape)} -> {list(after[name].shape)}"
              for name in before if before[name].shape != after[name].shape]
@@ -736,6 +785,25 @@ def _check_unit_axes(
         _note_unchecked(report, f"the dynamic axes of size 1 at size 2 ({', '.join(grown)}: PyTorch: {_first_line(e)})")
     else:
         report.max_abs_diff = max(report.max_abs_diff or 0.0, worst)
+
+
+def _check_example_itself(
+    session: Any, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], report: ExportReport
+) -> None:
+    """Check a model captured from the example doubled (:func:`_export_with_unit_axes`) at the example itself: a
+    graph traced at size 2 may assume a size is not 1 (a broadcast, a squeeze).
+
+    Raises:
+        _UnitAxesError: ONNX Runtime cannot run the example, or disagrees with PyTorch on it.
+    """
+    shapes = [list(a.shape) for a in _feeds(session, args, kwargs).values()]
+    try:
+        worst = _compare(session, model, args, kwargs, report)
+    except _RunError as e:
+        raise _UnitAxesError(f"{report.path}: at the example's sizes of 1 {shapes} ONNX Runtime fails{e.where}") from e
+    except ExportError as e:  # ORT ran and disagrees with PyTorch
+        raise _UnitAxesError(f"{report.path}: at the example's sizes of 1 {shapes} the outputs differ ({e})") from e
+    report.max_abs_diff = max(report.max_abs_diff or 0.0, worst)
 
 
 def _note_unchecked(report: ExportReport, what: str) -> None:

@@ -244,12 +244,26 @@ def _input_dims(path: Path) -> list[int | str]:
     return [d.dim_param or d.dim_value for d in dims]
 
 
-def test_an_example_batch_of_one_keeps_the_batch_dynamic(tmp_path: Path) -> None:
+def _fails_at_the_example(*args: object, **kwargs: object) -> None:
+    raise export_module._UnitAxesError("at the example's sizes of 1 ONNX Runtime fails")
+
+
+@pytest.mark.parametrize("capture", ["doubled", "sizes of 1 kept"])
+def test_an_example_batch_of_one_keeps_the_batch_dynamic(
+    capture: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dense, example = models.tiny_gpt()
     model, _ = rewrite(dense, RewriteConfig(structure="btt"), example)
     ids = example[0][:1]  # one sequence
+    if capture == "sizes of 1 kept":  # as when a graph traced at batch 2 does not run at 1
+        monkeypatch.setattr(export_module, "_check_example_itself", _fails_at_the_example)
     report = export_onnx(model, (ids,), tmp_path / "one.onnx")
-    assert report.fixed_sizes == [] and report.checked_shapes == [[1, 16], [2, 16]]  # checked at batch 2 as well
+    assert report.fixed_sizes == []
+    if capture == "doubled":  # captured at batch 2, checked there and at the example
+        assert report.doubled_sizes == ["idx axis 0"] and report.checked_shapes == [[2, 16], [1, 16]]
+        assert "captured from the example doubled along idx axis 0" in report.summary()
+    else:  # captured at batch 1, checked there and at batch 2 (fails with a view of a strided tensor in lowering)
+        assert report.doubled_sizes == [] and report.checked_shapes == [[1, 16], [2, 16]]
     assert all(isinstance(d, str) for d in _input_dims(tmp_path / "one.onnx"))
     session = onnxruntime_session(tmp_path / "one.onnx")
     ids = torch.randint(0, 64, (3, 7))
@@ -287,19 +301,40 @@ def test_a_size_of_one_the_graph_still_holds_is_exported_again_fixed(
 ) -> None:
     checks = []
 
-    def fails_at_size_two(*args: object, **kwargs: object) -> None:
+    def fails(*args: object, **kwargs: object) -> None:
         checks.append(1)
         if error == "unit axes":
-            raise export_module._UnitAxesError("at size 2 ONNX Runtime fails")
+            raise export_module._UnitAxesError("ONNX Runtime fails at the other size")
         raise ExportError("anything else that went wrong with sizes of 1 kept dynamic")  # the fixed export may pass
 
-    monkeypatch.setattr(export_module, "_check_unit_axes", fails_at_size_two)
+    monkeypatch.setattr(export_module, "_check_example_itself", fails)  # captured from the example doubled
+    monkeypatch.setattr(export_module, "_check_unit_axes", fails)  # captured with sizes of 1 kept dynamic
     ids = torch.randint(0, 128, (1, 8))
     with caplog.at_level(logging.WARNING):
         report = export_onnx(_two_btt_layers(), (ids,), tmp_path / "r.onnx")
-    assert len(checks) == 1 and report.checked  # the second export is checked at the example, and not at size 2
+    assert len(checks) == 2 and report.checked  # the third export is checked at the example alone
+    assert report.checked_shapes == [[1, 8]] and report.doubled_sizes == []
     assert report.fixed_sizes == ["input axis 0"] and _input_dims(tmp_path / "r.onnx")[0] == 1
+    assert "exporting again from the example itself" in caplog.text
     assert "exporting again with those sizes fixed" in caplog.text
+
+
+def test_a_model_pytorch_cannot_run_doubled_is_captured_from_the_example_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class OneBatch(nn.Module):  # reads the batch of one as the sequence: batch 2 is not a shape it takes
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _two_btt_layers()
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.inner(ids.view(ids.shape[1]))  # (S,) -> (S, 64)
+
+    with caplog.at_level(logging.INFO, logger="einrewrite"):
+        report = export_onnx(OneBatch().eval(), (torch.randint(0, 128, (1, 8)),), tmp_path / "b.onnx")
+    assert "PyTorch cannot run the example doubled along ids axis 0" in caplog.text  # so no capture from it
+    assert "from the example doubled along" not in caplog.text
+    assert report.doubled_sizes == [] and report.checked_shapes[0] == [1, 8]
 
 
 class _ThreeInputs(nn.Module):

@@ -29,6 +29,7 @@ from einrewrite import (
     export_onnx,
     rewrite,
 )
+from einrewrite import export as export_module
 from einrewrite.export import onnxruntime_session
 
 import models  # type: ignore[import-not-found]  # tests/models.py: tiny HF models, offline
@@ -210,10 +211,33 @@ def test_strided_example_inputs_export(tmp_path: Path) -> None:
     assert report.checked
 
 
-def test_rewritten_bert_exported_from_one_sentence_keeps_the_batch_dynamic(tmp_path: Path) -> None:
-    """BERT's pooler feeds its dense layer a strided slice (``hidden[:, 0]``): reshaping it asks torch.export
-    whether a view would do, a guard that fixed a batch of one in the graph."""
+def test_rewritten_bert_exported_from_one_sentence_keeps_the_batch_dynamic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Captured with sizes of 1 kept dynamic (the capture from the example doubled made to fail): BERT's pooler
+    feeds its dense layer a strided slice (``hidden[:, 0]``); reshaping it asks torch.export whether a view would
+    do, a guard that fixed a batch of one in the graph."""
+    def fails(*args: object, **kwargs: object) -> None:
+        raise export_module._UnitAxesError("as when the graph traced at batch 2 does not run at 1")
+
+    monkeypatch.setattr(export_module, "_check_example_itself", fails)
     factory, config, _ = CASES["bert"]
     new, _ = rewrite(factory(), config, _inputs("bert", 2, 8))
     report = export_onnx(new, (), tmp_path / "bert1.onnx", example_kwargs=_inputs("bert", 1, 8))
     assert report.fixed_sizes == [] and report.checked_shapes == [[1, 8], [2, 8]]
+
+
+def test_rewritten_gpt2_exported_from_one_token_keeps_batch_and_sequence_dynamic(tmp_path: Path) -> None:
+    """GPT-2's attention holds a 1 in the graph captured with sizes of 1 kept dynamic; the capture from the example
+    doubled does not, and the model runs at one token and at others."""
+    factory, config, _ = CASES["gpt2"]
+    new, _ = rewrite(factory(), config, _inputs("gpt2", 2, 8))
+    report = export_onnx(new, (), tmp_path / "gpt2_1.onnx", example_kwargs=_inputs("gpt2", 1, 1))
+    assert report.fixed_sizes == [] and report.doubled_sizes == ["input_ids axis 0", "input_ids axis 1"]
+    assert report.checked_shapes == [[2, 2], [1, 1]]
+    session = onnxruntime_session(tmp_path / "gpt2_1.onnx")
+    inputs = _inputs("gpt2", 3, 7)
+    (got, *_) = session.run(None, {session.get_inputs()[0].name: inputs["input_ids"].numpy()})
+    with torch.no_grad():
+        expected = _first_output(new(**inputs))
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-4)
