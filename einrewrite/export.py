@@ -281,12 +281,7 @@ def _export_with_unit_axes(
     ``attempt``: :func:`_export_once` with everything but the example bound.
     """
     big_args, big_kwargs = _doubled(args, kwargs)
-    try:
-        with torch.no_grad():
-            work(*big_args, **big_kwargs)
-    except Exception as e:  # a model that only runs at size 1 there
-        log.info("PyTorch cannot run the example doubled along %s (%s)", ", ".join(unit), _first_line(e))
-    else:
+    if _pytorch_runs(work, big_args, big_kwargs, f"the example doubled along {', '.join(unit)}"):
         try:
             report = attempt(big_args, big_kwargs, also_check=(args, kwargs))
         except ExportError as e:
@@ -303,6 +298,17 @@ def _export_with_unit_axes(
     report = attempt(args, kwargs)
     report.fixed_sizes = unit
     return report
+
+
+def _pytorch_runs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], what: str) -> bool:
+    """Whether ``model`` runs on an input (logged when not, as ``what``)."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:  # e.g. a model that only runs at size 1 along an axis
+        log.info("PyTorch cannot run %s (%s)", what, _first_line(e))
+        return False
+    return True
 
 
 def _doubled(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -244,8 +244,10 @@ def _input_dims(path: Path) -> list[int | str]:
     return [d.dim_param or d.dim_value for d in dims]
 
 
-def _fails_at_the_example(*args: object, **kwargs: object) -> None:
-    raise export_module._UnitAxesError("at the example's sizes of 1 ONNX Runtime fails")
+def _no_doubled_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip the capture from the example doubled, as for a model that PyTorch cannot run doubled."""
+    runs = export_module._pytorch_runs
+    monkeypatch.setattr(export_module, "_pytorch_runs", lambda *a: False if "doubled" in a[-1] else runs(*a))
 
 
 @pytest.mark.parametrize("capture", ["doubled", "sizes of 1 kept"])
@@ -255,8 +257,8 @@ def test_an_example_batch_of_one_keeps_the_batch_dynamic(
     dense, example = models.tiny_gpt()
     model, _ = rewrite(dense, RewriteConfig(structure="btt"), example)
     ids = example[0][:1]  # one sequence
-    if capture == "sizes of 1 kept":  # as when a graph traced at batch 2 does not run at 1
-        monkeypatch.setattr(export_module, "_check_example_itself", _fails_at_the_example)
+    if capture == "sizes of 1 kept":
+        _no_doubled_capture(monkeypatch)
     report = export_onnx(model, (ids,), tmp_path / "one.onnx")
     assert report.fixed_sizes == []
     if capture == "doubled":  # captured at batch 2, checked there and at the example
