@@ -246,8 +246,7 @@ def _input_dims(path: Path) -> list[int | str]:
 
 def _no_doubled_capture(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip the capture from the example doubled, as for a model that PyTorch cannot run doubled."""
-    runs = export_module._pytorch_runs
-    monkeypatch.setattr(export_module, "_pytorch_runs", lambda *a: False if "doubled" in a[-1] else runs(*a))
+    monkeypatch.setattr(export_module, "_pytorch_runs", lambda *args: False)  # its only caller: the doubled example
 
 
 @pytest.mark.parametrize("capture", ["doubled", "sizes of 1 kept"])
