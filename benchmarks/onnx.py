@@ -14,8 +14,9 @@ resident memory grows when ONNX Runtime loads it. It prints the best and median 
 structured ORT`` (target >= 3x on CPU, >= 2x on CUDA; the verdict is on the best times, and the same ratio taken
 round by round, whose median and range say how steady it was while the machine's load moved) and ``structured
 torch / structured ORT`` (target >= 1x), and
-with ``--profile`` the ORT time per op type of each model, which says where the time goes when a target is
-missed.
+with ``--profile`` the ORT time per op type of each model, and how much of it the rewritten layers take: their
+own dense / structured ratio, and the ceiling the rest of the model (attention, norms, activations) puts on the
+model's ratio, which says where the time goes when a target is missed.
 
 BTT-MoE is timed twice in the same run: ``btt_moe:init`` with the routers the rewrite makes (zero: every
 token goes to experts 0..k-1, as in an untrained rewrite) and ``btt_moe:random`` with routers drawn at random,
@@ -56,6 +57,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -177,8 +179,39 @@ def ort_runner(session: Any, idx: Tensor) -> Callable[[], object]:
     return lambda: session.run(None, feeds)
 
 
-def profile_by_op(path: Path, idx: Tensor, threads: int, runs: int = 3) -> dict[str, float]:
-    """Median ms per run spent in each ORT op type (the optimized graph ORT really runs)."""
+@dataclass
+class Profile:
+    """ORT kernel time of one model (ms, median over runs): per op type, and in the rewritten layers or not."""
+
+    by_op: dict[str, float]
+    in_layers: float  # the nodes of the layers the rewrite replaces (nn.Linear in the dense model)
+    elsewhere: float  # attention, norms, activations, embeddings, the head
+
+
+def node_layers(path: Path, layers: set[str]) -> dict[str, bool]:
+    """Each node of the exported model (those inside an ``If`` too) -> whether it belongs to one of ``layers``,
+    read from the exporter's ``pkg.torch.onnx.name_scopes`` metadata."""
+    import onnx
+
+    inside: dict[str, bool] = {}
+
+    def walk(graph: Any, owner: bool | None) -> None:
+        for node in graph.node:
+            scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+            mine = owner if owner is not None else any(f"'{layer}'" in scopes for layer in layers)
+            inside[node.name] = mine
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    walk(attribute.g, mine)
+
+    walk(onnx.load(str(path), load_external_data=False).graph, None)
+    return inside
+
+
+def profile_model(path: Path, idx: Tensor, threads: int, layers: set[str], runs: int = 3) -> Profile:
+    """Median ms per run spent in each ORT op type (the optimized graph ORT really runs; an ``If`` counts as its
+    branch's nodes) and in the nodes of ``layers`` (a node ORT fused keeps its first node's name; fusions ORT
+    names anew, such as BiasGelu, which takes a layer's bias, count elsewhere)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -197,14 +230,45 @@ def profile_by_op(path: Path, idx: Tensor, threads: int, runs: int = 3) -> dict[
     runs_at = sorted(
         (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"
     )[1:]  # the warm-up run is not counted
+    inside = node_layers(path, layers)
     per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(runs_at))
     for event in events:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+        op = event.get("args", {}).get("op_name", "?")
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or op == "If":
             continue
+        node = event["name"][: -len("_kernel_time")]
         for i, (begin, end) in enumerate(runs_at):
             if begin <= event["ts"] <= end:
-                per_run[event["args"].get("op_name", "?")][i] += event["dur"] / 1e3
-    return {op: float(np.median(v)) for op, v in per_run.items()}
+                per_run[op][i] += event["dur"] / 1e3
+                per_run[" layers" if inside.get(node.split("/")[0], False) else " elsewhere"][i] += event["dur"] / 1e3
+    median = {key: float(np.median(v)) for key, v in per_run.items()}
+    return Profile(
+        by_op={k: v for k, v in median.items() if not k.startswith(" ")},
+        in_layers=median.get(" layers", 0.0),
+        elsewhere=median.get(" elsewhere", 0.0),
+    )
+
+
+def rewritten_layers(model: nn.Module) -> set[str]:
+    """The names of the structured layers in ``model``: the layers the rewrite replaced."""
+    return {name for name, m in model.named_modules() if isinstance(m, (er.EinsumLinear, er.BTTMoELinear))}
+
+
+def layer_share_lines(profiles: dict[str, Profile]) -> str:
+    """Where each model's ORT time goes, the rewritten layers or the rest, and the dense / structured ratio the
+    model could reach if its layers took no time: the ceiling the rest of the model puts on the >=3x target."""
+    dense = profiles["dense"]
+    lines = [f"\nORT kernel time in the rewritten layers | elsewhere: dense {dense.in_layers:.1f} | {dense.elsewhere:.1f} ms"]
+    for name, p in profiles.items():
+        if name == "dense":
+            continue
+        layers = dense.in_layers / p.in_layers if p.in_layers else math.inf
+        ceiling = (dense.in_layers + dense.elsewhere) / p.elsewhere if p.elsewhere else math.inf
+        lines.append(
+            f"  {name:14s} {p.in_layers:.1f} | {p.elsewhere:.1f} ms: dense layers / these {layers:.2f}x; "
+            f"were these free, dense / this model at most {ceiling:.2f}x"
+        )
+    return "\n".join(lines)
 
 
 def _torch_runner(model: nn.Module, idx: Tensor, device: torch.device) -> Callable[[], object]:
@@ -318,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         best = {k: min(v) * 1e3 for k, v in rounds.items()}
         profiles = {}
         if args.profile and args.provider == "cpu":
-            profiles = {name: profile_by_op(path, idx, args.threads) for name, path in paths.items()}
+            layers = set().union(*(rewritten_layers(m) for m in models.values()))
+            profiles = {name: profile_model(path, idx, args.threads, layers) for name, path in paths.items()}
 
     print()
     print(format_table(["contender", "best ms", "median ms"],
@@ -346,11 +411,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(header, rows))
     if "dense torch" in best:
         print(f"dense torch / dense ORT: {best['dense torch'] / best['dense ORT']:.2f}x")
-    for name, ops in profiles.items():
-        total = sum(ops.values())
-        top = sorted(ops.items(), key=lambda kv: -kv[1])[:8]
+    for name, profile in profiles.items():
+        total = sum(profile.by_op.values())
+        top = sorted(profile.by_op.items(), key=lambda kv: -kv[1])[:8]
         print(f"\nORT profile {name} (median of 3 runs, {total:.1f} ms in kernels): "
               + ", ".join(f"{op} {ms:.1f} ({ms / total:.0%})" for op, ms in top))
+    if "dense" in profiles:
+        print(layer_share_lines(profiles))
     return 0
 
 

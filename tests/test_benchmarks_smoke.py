@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -57,7 +59,7 @@ def test_moe_benchmark_quick_prints_every_row_and_verdict() -> None:
 
 
 def test_onnx_benchmark_quick_prints_ratios() -> None:
-    out = _run("onnx.py", "--quick", "--repeats", "1", "--structures", "btt", timeout=120)
+    out = _run("onnx.py", "--quick", "--repeats", "1", "--structures", "btt", "--profile", timeout=120)
     for contender in ("dense ORT", "btt ORT", "btt torch"):
         assert re.search(rf"^{contender}\s+\d+\.\d\s+\d+\.\d$", out, re.M), out  # best and median ms
     row = re.search(
@@ -68,6 +70,15 @@ def test_onnx_benchmark_quick_prints_ratios() -> None:
     assert float(row.group(1)) > 5  # the rewrite really cut the linear MACs (1/8 budget)
     assert row.group(2) == row.group(4) == row.group(5) == row.group(6)  # one round: its ratio is the best's
     assert "ORT parity" in out and re.search(r"^  btt\s+exported in \d+ s: \d+ nodes", out, re.M), out
+    # --profile: the time in the rewritten layers and elsewhere, for dense and btt
+    dense = re.search(r"rewritten layers \| elsewhere: dense ([\d.]+) \| ([\d.]+) ms", out)
+    btt = re.search(r"^  btt\s+([\d.]+) \| ([\d.]+) ms: dense layers / these ([\d.]+)x; .* at most ([\d.]+)x", out, re.M)
+    assert dense is not None and btt is not None, out
+    (d_layers, d_rest), (b_layers, b_rest, _, ceiling) = (map(float, m.groups()) for m in (dense, btt))
+    assert min(d_layers, d_rest, b_layers, b_rest) > 0
+    assert ceiling == pytest.approx((d_layers + d_rest) / b_rest, rel=0.02)
+    total = re.search(r"ORT profile dense \(median of 3 runs, ([\d.]+) ms in kernels\)", out)
+    assert total is not None and d_layers + d_rest == pytest.approx(float(total.group(1)), rel=0.1)  # every node
 
 
 def test_onnx_benchmark_times_btt_moe_with_both_routers() -> None:
