@@ -231,21 +231,21 @@ def profile_model(path: Path, idx: Tensor, threads: int, layers: set[str], runs:
         (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"
     )[1:]  # the warm-up run is not counted
     inside = node_layers(path, layers)
-    per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(runs_at))
+    by_op: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(runs_at))
+    by_part = {True: [0.0] * len(runs_at), False: [0.0] * len(runs_at)}  # in the layers or not
     for event in events:
         op = event.get("args", {}).get("op_name", "?")
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or op == "If":
             continue
-        node = event["name"][: -len("_kernel_time")]
+        node = event["name"][: -len("_kernel_time")].split("/")[0]  # a fused node: the name before the fusion's
         for i, (begin, end) in enumerate(runs_at):
             if begin <= event["ts"] <= end:
-                per_run[op][i] += event["dur"] / 1e3
-                per_run[" layers" if inside.get(node.split("/")[0], False) else " elsewhere"][i] += event["dur"] / 1e3
-    median = {key: float(np.median(v)) for key, v in per_run.items()}
+                by_op[op][i] += event["dur"] / 1e3
+                by_part[inside.get(node, False)][i] += event["dur"] / 1e3
     return Profile(
-        by_op={k: v for k, v in median.items() if not k.startswith(" ")},
-        in_layers=median.get(" layers", 0.0),
-        elsewhere=median.get(" elsewhere", 0.0),
+        by_op={op: float(np.median(v)) for op, v in by_op.items()},
+        in_layers=float(np.median(by_part[True])),
+        elsewhere=float(np.median(by_part[False])),
     )
 
 

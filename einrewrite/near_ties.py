@@ -87,19 +87,23 @@ class NearTie:
 class NearTies:
     """Rows (along axis 0 of the BTT-MoE layers' inputs) holding a near-tied token, with the closest one in each.
 
-    ``batch`` is the layers' number of rows, None when no layer ran or they disagree on it (then no row can be
-    told apart and :meth:`excused` excuses nothing).
+    When no layer ran or the layers disagree on the number of rows (:attr:`batch` is None), no row can be told
+    apart and :meth:`excused` excuses nothing.
     """
 
     rows: dict[int, NearTie] = field(default_factory=dict)
-    batch: int | None = None
-    _batches: set[int] = field(default_factory=set)
+    batches: set[int] = field(default_factory=set)  # the number of rows each layer call had
+
+    @property
+    def batch(self) -> int | None:
+        """The layers' number of rows; None when no layer ran or they disagree."""
+        return next(iter(self.batches)) if len(self.batches) == 1 else None
 
     def add(self, layer: str, top_k: int, lead: tuple[int, ...], margins: Tensor, tolerance: float) -> None:
         """Record one layer call: ``lead`` its input's leading shape, ``margins`` (N,) by :func:`routing_margins`."""
-        self._batches.add(lead[0] if lead else 1)
-        self.batch = next(iter(self._batches)) if len(self._batches) == 1 else None
-        per_row = max(1, margins.numel() // max(1, lead[0] if lead else 1))
+        rows = lead[0] if lead else 1
+        self.batches.add(rows)
+        per_row = max(1, margins.numel() // max(1, rows))
         for token in torch.nonzero(margins <= tolerance).reshape(-1).tolist():
             row, margin = token // per_row, float(margins[token])
             if row not in self.rows or margin < self.rows[row].margin:
