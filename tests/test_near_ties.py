@@ -95,10 +95,12 @@ class _Disagrees:
         return outputs
 
 
-def _export_disagreeing_in(rows: list[int], x: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+def _export_disagreeing_in(
+    rows: list[int], x: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str = "float32"
+) -> Any:
     real = export_module.onnxruntime_session
     monkeypatch.setattr(export_module, "onnxruntime_session", lambda *a, **k: _Disagrees(real(*a, **k), rows))
-    return export_onnx(_model(), (x,), tmp_path / "moe.onnx")
+    return export_onnx(_model(), (x,), tmp_path / "moe.onnx", dtype=dtype)
 
 
 def test_export_leaves_out_the_rows_a_near_tie_explains_and_names_them(
@@ -118,9 +120,11 @@ def test_export_still_fails_where_a_row_without_a_near_tie_differs(
         _export_disagreeing_in([1, 2], _tokens(3, {2: 1}), tmp_path, monkeypatch)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_an_example_whose_every_row_differs_at_a_near_tie_cannot_check_the_export(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dtype: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with pytest.raises(ExportError, match=r"differs in every row of the input \[2, 4, 8\].*near-tied.*"
-                       r"export from another example"):
-        _export_disagreeing_in([0, 1], _tokens(2, {0: 0, 1: 2}), tmp_path, monkeypatch)
+                       r"export from another example") as raised:
+        _export_disagreeing_in([0, 1], _tokens(2, {0: 0, 1: 2}), tmp_path, monkeypatch, dtype)
+    assert ("check the float32 export" in str(raised.value)) == (dtype == "float16")
