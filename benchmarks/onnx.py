@@ -258,7 +258,8 @@ def layer_share_lines(profiles: dict[str, Profile]) -> str:
     """Where each model's ORT time goes, the rewritten layers or the rest, and the dense / structured ratio the
     model could reach if its layers took no time: the ceiling the rest of the model puts on the >=3x target."""
     dense = profiles["dense"]
-    lines = [f"\nORT kernel time in the rewritten layers | elsewhere: dense {dense.in_layers:.1f} | {dense.elsewhere:.1f} ms"]
+    head = "\nORT kernel time in the rewritten layers | elsewhere:"
+    lines = [f"{head} dense {dense.in_layers:.1f} | {dense.elsewhere:.1f} ms"]
     for name, p in profiles.items():
         if name == "dense":
             continue
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             size = sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.exists())
             paths[name] = path
             held = session_memory_mib(path, args.threads) if args.provider == "cpu" else None
-            session = onnxruntime_session(path, args.provider, threads=args.threads)
+            session = onnxruntime_session(path, args.provider, threads=args.threads, stop_spinning=True)
             print(f"  {name:14s} exported in {sum(report.seconds.values()):.0f} s: "
                   f"{sum(report.op_counts.values())} nodes, {size / 2**20:.1f} MiB"
                   + ("" if held is None else f", ORT session {held:.0f} MiB") + ", "

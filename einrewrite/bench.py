@@ -181,7 +181,9 @@ def compare_models(
                 cpu_model = copy.deepcopy(model).float().cpu() if device.type == "cuda" else model
                 export_onnx(cpu_model, args, path, example_kwargs=kwargs, dtype=dtype,  # type: ignore[arg-type]
                             providers=providers, opset=opset, atol=atol)
-                session = onnxruntime_session(path, providers, threads=threads or torch.get_num_threads())
+                session = onnxruntime_session(
+                    path, providers, threads=threads or torch.get_num_threads(), stop_spinning=True
+                )  # timed in turn with the other contenders
                 contenders[label] = _ort_runner(session, dtype)
         rows = []
         with torch.no_grad():

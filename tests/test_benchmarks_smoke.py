@@ -72,7 +72,8 @@ def test_onnx_benchmark_quick_prints_ratios() -> None:
     assert "ORT parity" in out and re.search(r"^  btt\s+exported in \d+ s: \d+ nodes", out, re.M), out
     # --profile: the time in the rewritten layers and elsewhere, for dense and btt
     dense = re.search(r"rewritten layers \| elsewhere: dense ([\d.]+) \| ([\d.]+) ms", out)
-    btt = re.search(r"^  btt\s+([\d.]+) \| ([\d.]+) ms: dense layers / these ([\d.]+)x; .* at most ([\d.]+)x", out, re.M)
+    btt = re.search(r"^  btt\s+([\d.]+) \| ([\d.]+) ms: dense layers / these ([\d.]+)x; .* at most ([\d.]+)x",
+                    out, re.M)
     assert dense is not None and btt is not None, out
     (d_layers, d_rest), (b_layers, b_rest, _, ceiling) = (map(float, m.groups()) for m in (dense, btt))
     assert min(d_layers, d_rest, b_layers, b_rest) > 0

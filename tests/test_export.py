@@ -129,6 +129,15 @@ def test_parity_failure_says_whether_the_model_itself_is_sensitive_to_rounding(
         export_onnx(model, x, tmp_path / "tight.onnx", atol=0.0, rtol=0.0)
 
 
+def test_a_session_for_timing_stops_its_threads_spinning_after_each_run(tmp_path: Path) -> None:
+    export_onnx(nn.Linear(3, 3), (torch.randn(2, 3),), tmp_path / "l.onnx", check=False)
+    timed = onnxruntime_session(tmp_path / "l.onnx", stop_spinning=True).get_session_options()
+    assert timed.get_session_config_entry("session.force_spinning_stop") == "1"
+    plain = onnxruntime_session(tmp_path / "l.onnx").get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ORT's default: threads keep spinning
+        plain.get_session_config_entry("session.force_spinning_stop")
+
+
 def test_model_is_not_modified(tmp_path: Path) -> None:
     model = nn.Sequential(EinsumLinear(structure("monarch", 32, 32)), nn.ReLU())
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -152,10 +152,21 @@ def test_bench_opset_and_atol_reach_both_exports(rewritten: Path, monkeypatch: p
         return report
 
     monkeypatch.setattr(bench_module, "export_onnx", spy)
+    sessions = []
+    session = bench_module.onnxruntime_session
+
+    def keep(*args: object, **kwargs: object) -> object:
+        sessions.append(session(*args, **kwargs))  # type: ignore[arg-type]
+        return sessions[-1]
+
+    monkeypatch.setattr(bench_module, "onnxruntime_session", keep)
     code, out, err = run("bench", str(rewritten), "--tokens", "16", "--repeats", "1", "--no-compile", "--opset", "23",
                          "--atol", "0.5", "--json")
     assert code == 0, out + err
     assert seen == [(23, 0.5), (23, 0.5)]  # the dense base and the rewrite, each checked with the tolerance asked
+    # timed in turn: each session's threads stop spinning when its run ends, leaving the cores to the next
+    spinning = [s.get_session_options().get_session_config_entry("session.force_spinning_stop") for s in sessions]
+    assert spinning == ["1", "1"]
     assert {"dense ORT", "structured ORT"} <= set(json.loads(out)["data"]["rows"][0]["times_ms"])
 
 
