@@ -32,9 +32,9 @@ from torch.utils._pytree import tree_leaves, tree_map
 from . import moe_lowering
 from .errors import ExportError
 from .external_ops import known_translations
-from .lowering import is_lowered_weight, onnx_lowering
+from .lowering import ONNX_TRANSLATIONS, is_lowered_weight, onnx_lowering
 from .moe import BTTMoELinear
-from .moe_lowering import ONNX_TRANSLATIONS, MoEGrouping, check_grouping, chooses_by_token_count
+from .moe_lowering import MoEGrouping, check_grouping, chooses_by_token_count
 from .near_ties import NearTies, recording_near_ties
 
 __all__ = [

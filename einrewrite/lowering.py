@@ -13,15 +13,26 @@ Appendix A). The lowering here is built for what ORT actually runs:
   last two axes, is fused by ORT's ``MatmulTransposeFusion`` into ``FusedMatMul(transBatchB, transB)``: the
   MatMul then reads the strided operand in place. For the BTT family (β = δ = 1: monarch, btt, low_rank) both
   the input permute ``(N, γ, α) -> (γ, α, N)`` and the between-stage permute ``(γρ, φ, N) -> (φ, γρ, N)`` are of
-  that kind, so a layer runs as ``FusedMatMul, FusedMatMul, Transpose(φε, N -> N, φε)``: one copy, of the output.
+  that kind.
+* The last stage, where its operand is ``(Bt, K, N)`` or ``(K, N)``, takes the activation as its left operand
+  (``StagePlan.tokens_first``): ``(φ, N, γρ) @ (φ, γρ, ε) -> (φ, N, ε)``, the operand read transposed in place.
+  One ``Gather`` of ε-element rows then puts the output in token order, ``(N, φε)``: so a BTT layer runs as
+  ``FusedMatMul, FusedMatMul, Gather``, and low_rank's ``(N, ρ) @ (ρ, d_out)`` needs no copy at all. Weights
+  first, the last stage gives ``(φε, N)``, and its ``Transpose`` to ``(N, φε)`` moves single floats on one
+  thread (ORT's CPU Transpose): on the d=1024 benchmark GPT (2-core machine, 2026-12-01; one 1024 -> 4096
+  layer at 2048 tokens: Transpose 7.3 ms, its two MatMuls 9.4) the Gather ran the model 7% faster at 2048 tokens
+  and at 1, and 4% slower at 64 (per-round medians of interleaved runs, threads not left spinning). The Gather's
+  row indices come from the graph's token count, so the optimizer computes them once for every layer.
 * The general θ path (kronecker, tensor_train, any einsum point) runs as the same pairwise MatMuls with the
   contraction order of the eager plan (input meets A or B first, the cheaper by MACs); where β or δ > 1 a stage
-  may need an explicit permute, always with the token axis last. No ``Einsum`` node is ever emitted.
+  may need an explicit permute, always with the token axis last, and the output its Transpose. No ``Einsum``
+  node is ever emitted.
 
 Measured on the 2-core development machine (ORT 1.32 CPU, 2 threads, fp32, 2048 tokens, best of 10 interleaved;
 ``/tmp`` prototypes built with ``onnx.helper``): btt rank 2 at 1024->4096 ran 3.9x faster than the dense
-MatMul (1/10.7 of the MACs) where two ORT ``Einsum`` nodes reached 2.0x; a token-major variant (chunked output
-Transpose, transposed-A MatMul) was 10-30% slower than this one at every GPT shape.
+MatMul (1/10.7 of the MACs) where two ORT ``Einsum`` nodes reached 2.0x. (A token-major variant, a
+transposed-A MatMul and a chunked output Transpose, then measured 10-30% slower than weights first at every GPT
+shape; those sessions were timed in turn with their threads left spinning, which slowed whichever ran next.)
 
 Axis letters (as in :mod:`einrewrite.spec`): ``n`` tokens; ``a`` α, ``b`` β, ``g`` γ (input factors); ``d`` δ,
 ``e`` ε, ``f`` φ (output factors); ``r`` ρ (bond). x: (n, g, b, a); A: (g, r, f, d, a); B: (f, e, g, r, b);
@@ -36,12 +47,14 @@ import math
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import EinsumLinear
+from . import moe_lowering
 from .moe import BTTMoELinear
 from .moe_lowering import (
     MoEGrouping,
@@ -50,10 +63,19 @@ from .moe_lowering import (
     attached_weights,
     detach_weights,
     lowered_moe_forward,
+    onnx_token_rows,
 )
 from .spec import EinsumSpec
 
-__all__ = ["LoweringPlan", "StagePlan", "is_lowered_weight", "lowered_forward", "lowering_plan", "onnx_lowering"]
+__all__ = [
+    "LoweringPlan",
+    "ONNX_TRANSLATIONS",
+    "StagePlan",
+    "is_lowered_weight",
+    "lowered_forward",
+    "lowering_plan",
+    "onnx_lowering",
+]
 
 _X, _A, _B, _Y = "ngba", "grfda", "fegrb", "nfed"  # axis labels of x, A, B, y in memory order
 _TOKENS = "n"
@@ -90,6 +112,8 @@ class StagePlan:
         rearrange: how the activation becomes the MatMul's right operand ``(Bt, [O,] K, I)``.
         labels: the axis labels of the stage's result, in memory order (token axis last).
         outer_product: nothing is contracted (K = 1): the operand gets a unit K axis.
+        tokens_first: the activation is the left operand, ``Z' = rearrange(Z)ᵀ @ W`` with ``W`` stored
+            ``(Bt, K, F)`` or ``(K, F)``: the result is ``(Bt, N, F)`` or ``(N, F)``, the tokens before the free axes.
     """
 
     core: str
@@ -98,6 +122,7 @@ class StagePlan:
     rearrange: Rearrange
     labels: str
     outer_product: bool = False
+    tokens_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +135,7 @@ class LoweringPlan:
     output_feature_major: bool  # output Rearrange yields (out_size, N): crop rows, then transpose
     pad_in: int
     crop_out: int | None  # d_out when the operator's output is padded
+    output_rows: bool = False  # the last stage gives (Bt, N, F): one Gather of F-rows puts it in token order
 
     def describe(self) -> str:
         """One line for reports: the stages' layouts."""
@@ -150,21 +176,29 @@ def lowering_plan(spec: EinsumSpec) -> LoweringPlan:
         stage = _plan_stage(z, name, cores[name], later, size)
         stages.append(stage)
         z = stage.labels
+    pad_in, crop_out = spec.sizes.in_size - spec.d_in, spec.d_out if spec.sizes.out_size != spec.d_out else None
     target = [out_labels[1:], _TOKENS]  # (φεδ, N): the natural result of a last stage batched over φ
     feature_major = _is_grouping(z, target)
+    if feature_major:
+        # (Bt, F, K) @ (Bt, K, N) -> (Bt, F, N) leaves a Transpose of the whole output, which ORT runs on one
+        # thread; (Bt, N, K) @ (Bt, K, F) -> (Bt, N, F) leaves one Gather of F-rows (on all threads), and
+        # (N, K) @ (K, F) -> (N, F) nothing
+        before = stages[0].labels if len(stages) > 1 else keep(_X)
+        flipped = _plan_stage(before, second, cores[second], out_labels, size, tokens_first=True)
+        if flipped.tokens_first:
+            stages[-1] = flipped
+            rows = len(flipped.weight_shape) == 3
+            return LoweringPlan(order, tuple(stages), Rearrange(None, None, None), False, pad_in, crop_out, rows)
     output = _rearrange(z, target if feature_major else [_TOKENS, out_labels[1:]], size)
-    return LoweringPlan(
-        order=order,
-        stages=tuple(stages),
-        output=output,
-        output_feature_major=feature_major,
-        pad_in=spec.sizes.in_size - spec.d_in,
-        crop_out=spec.d_out if spec.sizes.out_size != spec.d_out else None,
-    )
+    return LoweringPlan(order, tuple(stages), output, feature_major, pad_in, crop_out)
 
 
-def _plan_stage(z: str, name: str, core: str, later: str, size: dict[str, int]) -> StagePlan:
-    """Contract activation labels ``z`` with ``core``; labels in ``later`` must survive the stage."""
+def _plan_stage(
+    z: str, name: str, core: str, later: str, size: dict[str, int], tokens_first: bool = False
+) -> StagePlan:
+    """Contract activation labels ``z`` with ``core``; labels in ``later`` must survive the stage. With
+    ``tokens_first``, the activation is the left operand (:class:`StagePlan`) where its operand is ``(Bt, K, N)``
+    or ``(K, N)``: no outer axes, and no other free axis beside the tokens."""
     shared = [c for c in z if c in core]
     batch = [c for c in shared if c in later]  # e.g. γ in stage 1, φ in stage 2 of BTT
     contract = [c for c in shared if c not in later]
@@ -177,8 +211,12 @@ def _plan_stage(z: str, name: str, core: str, later: str, size: dict[str, int]) 
     outer = [c for c in free_x if c not in inner]
     groups = [g for g in ("".join(batch), "".join(outer), "".join(contract), "".join(inner)) if g]
     rearrange = _rearrange(z, groups, size)
-    core_perm = tuple(core.index(c) for c in batch + free_w + contract)
     bt, fw, k = (math.prod(size[c] for c in labels) for labels in (batch, free_w, contract))
+    if tokens_first and contract and not outer and inner == [_TOKENS]:
+        core_perm = tuple(core.index(c) for c in batch + contract + free_w)
+        labels = "".join(batch + [_TOKENS] + free_w)
+        return StagePlan(name, core_perm, (bt, k, fw) if batch else (k, fw), rearrange, labels, tokens_first=True)
+    core_perm = tuple(core.index(c) for c in batch + free_w + contract)
     if outer:
         weight_shape: tuple[int, ...] = (bt, 1, fw, k) if batch else (fw, k)
     else:
@@ -277,8 +315,17 @@ def lowered_forward(layer: EinsumLinear, x: Tensor) -> Tensor:
         z = _compact(stage.rearrange.apply(z))  # (Bt, [O,] K, I): the MatMul's right operand
         if stage.outer_product:
             z = z.unsqueeze(-2)  # (Bt, [O,] 1, I): nothing to contract
-        z = torch.matmul(w, z)  # (Bt, [O,] F, I): token axis last
-    y = plan.output.apply(z)  # (φεδ, N) or (N, φεδ)
+        if stage.tokens_first:
+            # ([Bt,] N, K)@([Bt,] K, F) -> ([Bt,] N, F); bmm/mm, not matmul, whose broadcasting guards on the token
+            # count made torch.export, keeping an example's size of 1 dynamic, bound it to 1 or 2
+            z = torch.bmm(z.transpose(1, 2), w) if z.dim() == 3 else torch.mm(z.t(), w)
+        else:
+            z = torch.matmul(w, z)  # (Bt, [O,] F, I): token axis last
+    if plan.output_rows:
+        bt, n, f = z.shape
+        y = torch.ops.einrewrite.token_order(z, n, bt, f).reshape(-1, bt * f)  # (Bt, N, F) -> (N, Bt, F) -> (N, Bt·F)
+    else:
+        y = plan.output.apply(z)  # (φεδ, N) or (N, φεδ)
     if plan.output_feature_major:
         if plan.crop_out is not None:
             y = y[: plan.crop_out]  # (d_out, N): crop before the copy
@@ -290,6 +337,36 @@ def lowered_forward(layer: EinsumLinear, x: Tensor) -> Tensor:
         # After the reshape, as nn.Linear's bias: ORT then fuses it with what follows (BiasGelu, SkipLayerNorm).
         y = y + layer.bias.to(y.dtype)  # (..., d_out)
     return y
+
+
+@torch.library.custom_op("einrewrite::token_order", mutates_args=())
+def _token_order(z: Tensor, tokens: int, groups: int, width: int) -> Tensor:
+    """``(Bt, N, F) -> (N, Bt, F)``, with ``tokens`` = N, ``groups`` = Bt and ``width`` = F for the translation.
+    One op for torch.export (index arithmetic traced in torch made it fix a token count of 1 in the example),
+    exported by :func:`_onnx_token_order` as one Gather of F-element rows."""
+    return z.transpose(0, 1).contiguous()  # (N, Bt, F)
+
+
+@_token_order.register_fake
+def _(z: Tensor, tokens: int, groups: int, width: int) -> Tensor:
+    return z.new_empty(tokens, groups, width)  # (N, Bt, F)
+
+
+def _onnx_token_order(z: Any, tokens: Any, groups: int, width: int) -> Any:
+    """ONNX of :func:`_token_order`: row ``j·N + n`` of ``z`` seen as (Bt·N, F) goes to place ``(n, j)``; ORT's
+    Gather runs on all threads, its Transpose on one. ``tokens`` is the graph's token count, the same value in
+    every layer, so the optimizer computes the row indices once for all of them."""
+    from onnxscript import opset18 as op
+
+    position = op.Range(op.Constant(value_int=0), tokens, op.Constant(value_int=1))  # (N,)
+    rows = onnx_token_rows(position, groups)  # (N, Bt): n + j·N
+    return op.Gather(op.Reshape(z, op.Constant(value_ints=[-1, width])), rows, axis=0)  # (Bt·N, F) -> (N, Bt, F)
+
+
+ONNX_TRANSLATIONS: dict[Any, Any] = {
+    **moe_lowering.ONNX_TRANSLATIONS,
+    torch.ops.einrewrite.token_order.default: _onnx_token_order,
+}  # the custom ops of every lowered layer -> their onnxscript translations, for the exporter
 
 
 def _compact(t: Tensor) -> Tensor:

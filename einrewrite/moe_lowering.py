@@ -76,6 +76,8 @@ __all__ = [
     "export_weights",
     "grouped_by_set",
     "lowered_moe_forward",
+    "onnx_token_rows",
+    "token_rows",
 ]
 
 MoEGrouping = Literal["auto", "set", "expert"]
@@ -267,7 +269,7 @@ def _moe_by_expert_set(
         outs.append(functools.reduce(torch.add, ys))  # (φ, m, ε): the k gated experts summed
         groups.append(tokens)
     ys = torch.cat(outs, dim=1)  # (φ, N, ε) grouped by set
-    rows = _token_rows(inverse_permutation(torch.cat(groups)), f)  # (N, φ)
+    rows = token_rows(inverse_permutation(torch.cat(groups)), f)  # (N, φ)
     return ys.reshape(-1, e)[rows]  # (φ·N, ε) -> (N, φ, ε) in token order
 
 
@@ -292,7 +294,7 @@ def _moe_by_expert(x: Tensor, index: Tensor, gates: Tensor, weights: list[Tensor
         groups.append(pairs)
     ys = torch.cat(outs, dim=1)  # (φ, N·k, ε) grouped by expert
     position = inverse_permutation(torch.cat(groups))  # (N·k,) where each (token, slot) pair landed
-    rows = _token_rows(position.reshape(n, k), f)  # (N, k, φ)
+    rows = token_rows(position.reshape(n, k), f)  # (N, k, φ)
     return ys.reshape(-1, e)[rows].sum(1)  # (φ·N·k, ε) -> (N, k, φ, ε) -> (N, φ, ε)
 
 
@@ -307,7 +309,7 @@ def _set_codes(members: Sequence[int], k: int) -> list[tuple[list[int], int]]:
     return [(ids, sum(1 << i for i in ids)) for ids in sets]
 
 
-def _token_rows(position: Tensor, f: int) -> Tensor:
+def token_rows(position: Tensor, f: int) -> Tensor:
     """Rows of the grouped outputs seen as (φ·L, ε) that hold each item's φ output rows: ``position`` (...,) where
     each item landed among the L grouped ones -> (..., φ), ``position + j·L`` for row j."""
     length = position.numel()
@@ -350,8 +352,8 @@ def _onnx_inverse(order: Any) -> Any:
     return op.ScatterND(zeros, op.Unsqueeze(order, _ints(1)), positions)  # (L,)
 
 
-def _onnx_token_rows(position: Any, f: int) -> Any:
-    """ONNX of :func:`_token_rows`, for ``position`` (...,) holding each of the L grouped items once: (..., φ)."""
+def onnx_token_rows(position: Any, f: int) -> Any:
+    """ONNX of :func:`token_rows`, for ``position`` (...,) holding each of the L grouped items once: (..., φ)."""
     from onnxscript import opset18 as op
 
     length = op.Size(position)  # scalar L
@@ -396,7 +398,7 @@ def _onnx_by_expert_set(
         ]  # k x (φ, m, ε)
         outs.append(functools.reduce(op.Add, ys))  # (φ, m, ε): the k gated experts summed
         groups.append(tokens)
-    rows = _onnx_token_rows(_onnx_inverse(op.Concat(*groups, axis=0)), f)  # (N, φ)
+    rows = onnx_token_rows(_onnx_inverse(op.Concat(*groups, axis=0)), f)  # (N, φ)
     return op.Gather(op.Reshape(op.Concat(*outs, axis=1), _ints(-1, e)), rows, axis=0)  # (φ·N, ε) -> (N, φ, ε)
 
 
@@ -414,7 +416,7 @@ def _onnx_by_expert(x: Any, index: Any, gates: Any, weights: Sequence[Any], size
         xs = op.Gather(x, op.Div(pairs, slots), axis=0)  # (m, γ, α): integer division
         outs.append(_onnx_expert(xs, gate, weights[i], weights[r + i], gate_at))  # (φ, m, ε)
         groups.append(pairs)
-    rows = _onnx_token_rows(op.Reshape(_onnx_inverse(op.Concat(*groups, axis=0)), _ints(-1, k)), f)  # (N, k, φ)
+    rows = onnx_token_rows(op.Reshape(_onnx_inverse(op.Concat(*groups, axis=0)), _ints(-1, k)), f)  # (N, k, φ)
     ys = op.Reshape(op.Concat(*outs, axis=1), _ints(-1, e))  # (φ·N·k, ε)
     slots = [op.Gather(ys, op.Gather(rows, op.Constant(value_int=s), axis=1), axis=0) for s in range(k)]
     return functools.reduce(op.Add, slots)  # k x (N, φ, ε) summed
