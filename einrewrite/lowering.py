@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import EinsumLinear
 from . import moe_lowering
+from .layers import EinsumLinear
 from .moe import BTTMoELinear
 from .moe_lowering import (
     MoEGrouping,
@@ -183,8 +183,7 @@ def lowering_plan(spec: EinsumSpec) -> LoweringPlan:
         # (Bt, F, K) @ (Bt, K, N) -> (Bt, F, N) leaves a Transpose of the whole output, which ORT runs on one
         # thread; (Bt, N, K) @ (Bt, K, F) -> (Bt, N, F) leaves one Gather of F-rows (on all threads), and
         # (N, K) @ (K, F) -> (N, F) nothing
-        before = stages[0].labels if len(stages) > 1 else keep(_X)
-        flipped = _plan_stage(before, second, cores[second], out_labels, size, tokens_first=True)
+        flipped = _plan_stage(stages[0].labels, second, cores[second], out_labels, size, tokens_first=True)
         if flipped.tokens_first:
             stages[-1] = flipped
             rows = len(flipped.weight_shape) == 3
