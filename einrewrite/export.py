@@ -161,7 +161,7 @@ def onnxruntime_session(
     ``stop_spinning``: its worker threads stop spinning when a run ends (``session.force_spinning_stop``), for
     timing it in turn with other sessions or torch. Left spinning, they take a core from whatever runs next: on the
     2-core development machine, three d=1024 GPT sessions timed in turn at 64 tokens gave the third one 27.1 ms
-    best of 200 rounds, and 9.9 ms with spinning stopped.
+    best of 200 rounds, and 10.3 ms with spinning stopped.
     """
     import onnxruntime as ort
 
