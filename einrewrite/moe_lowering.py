@@ -77,7 +77,6 @@ __all__ = [
     "grouped_by_set",
     "lowered_moe_forward",
     "onnx_token_rows",
-    "token_rows",
 ]
 
 MoEGrouping = Literal["auto", "set", "expert"]
@@ -269,7 +268,7 @@ def _moe_by_expert_set(
         outs.append(functools.reduce(torch.add, ys))  # (φ, m, ε): the k gated experts summed
         groups.append(tokens)
     ys = torch.cat(outs, dim=1)  # (φ, N, ε) grouped by set
-    rows = token_rows(inverse_permutation(torch.cat(groups)), f)  # (N, φ)
+    rows = _token_rows(inverse_permutation(torch.cat(groups)), f)  # (N, φ)
     return ys.reshape(-1, e)[rows]  # (φ·N, ε) -> (N, φ, ε) in token order
 
 
@@ -294,7 +293,7 @@ def _moe_by_expert(x: Tensor, index: Tensor, gates: Tensor, weights: list[Tensor
         groups.append(pairs)
     ys = torch.cat(outs, dim=1)  # (φ, N·k, ε) grouped by expert
     position = inverse_permutation(torch.cat(groups))  # (N·k,) where each (token, slot) pair landed
-    rows = token_rows(position.reshape(n, k), f)  # (N, k, φ)
+    rows = _token_rows(position.reshape(n, k), f)  # (N, k, φ)
     return ys.reshape(-1, e)[rows].sum(1)  # (φ·N·k, ε) -> (N, k, φ, ε) -> (N, φ, ε)
 
 
@@ -309,7 +308,7 @@ def _set_codes(members: Sequence[int], k: int) -> list[tuple[list[int], int]]:
     return [(ids, sum(1 << i for i in ids)) for ids in sets]
 
 
-def token_rows(position: Tensor, f: int) -> Tensor:
+def _token_rows(position: Tensor, f: int) -> Tensor:
     """Rows of the grouped outputs seen as (φ·L, ε) that hold each item's φ output rows: ``position`` (...,) where
     each item landed among the L grouped ones -> (..., φ), ``position + j·L`` for row j."""
     length = position.numel()
@@ -353,7 +352,7 @@ def _onnx_inverse(order: Any) -> Any:
 
 
 def onnx_token_rows(position: Any, f: int) -> Any:
-    """ONNX of :func:`token_rows`, for ``position`` (...,) holding each of the L grouped items once: (..., φ)."""
+    """ONNX of :func:`_token_rows`, for ``position`` (...,) holding each of the L grouped items once: (..., φ)."""
     from onnxscript import opset18 as op
 
     length = op.Size(position)  # scalar L

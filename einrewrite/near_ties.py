@@ -27,7 +27,7 @@ from .moe import BTTMoELinear
 
 __all__ = ["NearTie", "NearTies", "recording_near_ties", "routing_margins", "tie_tolerance"]
 
-_ROUNDING_STEPS = 100  # how many units of rounding a margin may be and still be flipped (measured: ~10-40 in fp32)
+_ROUNDING_STEPS = 100  # how many units of rounding a margin may be and still be flipped (see tie_tolerance)
 
 
 def tie_tolerance(dtype: torch.dtype) -> float:
