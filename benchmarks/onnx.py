@@ -9,6 +9,11 @@ parity checked, node placement recorded) and times, interleaved best-of-N in the
 * ``<structure> torch``: the structured model in torch eager (``no_grad``), same thread count;
 * optionally ``dense torch`` (``--dense-torch``).
 
+The ORT sessions flush denormal floats to zero (``onnxruntime_session(flush_denormals=True)``, which
+:mod:`einrewrite.denormals` explains): the causal mask's ``-inf`` scores otherwise send ORT's CPU ``Softmax`` through
+denormals, about 4x slower, in the dense model and the rewrites alike. ``--keep-denormals`` times ORT as a session
+made without einrewrite runs.
+
 Each export's line gives its file size and, on CPU, its ORT session's memory: how much a fresh process's
 resident memory grows when ONNX Runtime loads it. It prints the best and median times, the ratios ``dense ORT /
 structured ORT`` (target >= 3x on CPU, >= 2x on CUDA; the verdict is on the best times, and the same ratio taken
@@ -49,6 +54,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -70,6 +76,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import einrewrite as er  # noqa: E402
 from einrewrite.bench import round_ratios, time_rounds  # noqa: E402
+from einrewrite.denormals import denormals_flushed  # noqa: E402
 from einrewrite.export import onnxruntime_session  # noqa: E402
 from einrewrite.tables import format_table  # noqa: E402
 from tiny_gpt import build  # noqa: E402
@@ -208,10 +215,13 @@ def node_layers(path: Path, layers: set[str]) -> dict[str, bool]:
     return inside
 
 
-def profile_model(path: Path, idx: Tensor, threads: int, layers: set[str], runs: int = 3) -> Profile:
+def profile_model(
+    path: Path, idx: Tensor, threads: int, layers: set[str], runs: int = 3, flush_denormals: bool = True
+) -> Profile:
     """Median ms per run spent in each ORT op type (the optimized graph ORT really runs; an ``If`` counts as its
     branch's nodes) and in the nodes of ``layers`` (a node ORT fused keeps its first node's name; fusions ORT
-    names anew, such as BiasGelu, which takes a layer's bias, count elsewhere)."""
+    names anew, such as BiasGelu, which takes a layer's bias, count elsewhere). ``flush_denormals`` as in
+    :func:`einrewrite.export.onnxruntime_session`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -219,11 +229,14 @@ def profile_model(path: Path, idx: Tensor, threads: int, layers: set[str], runs:
     options.enable_profiling = True
     options.log_severity_level = 3
     options.profile_file_prefix = str(path.with_suffix(""))
+    if flush_denormals:
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {session.get_inputs()[0].name: idx.numpy()}
-    session.run(None, feeds)  # warm-up, not counted below
-    for _ in range(runs):
-        session.run(None, feeds)
+    with denormals_flushed() if flush_denormals else contextlib.nullcontext():
+        session.run(None, feeds)  # warm-up, not counted below
+        for _ in range(runs):
+            session.run(None, feeds)
     trace = session.end_profiling()
     events = json.loads(Path(trace).read_text())
     os.remove(trace)
@@ -308,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="ONNX opset of every export (default: the exporter's, 20; 23 has an Attention op)")
     parser.add_argument("--dense-torch", action="store_true", help="also time the dense model in torch eager")
     parser.add_argument("--profile", action="store_true", help="ORT time per op type of each model (cpu)")
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="ORT keeps denormal floats (its default), as a session made without einrewrite does")
     args = parser.parse_args(argv)
     if args.quick:
         args.d, args.layers, args.heads, args.batch, args.seq = 256, 2, 4, 4, 128
@@ -342,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"GPT d={args.d}, {args.layers} layers, {args.heads} heads, MLP 4d, tokens {tokens} "
         f"({args.batch}x{args.seq}), {dtype}, {args.threads} threads; ORT {args.provider.upper()}"
-        f"{'' if args.opset is None else f', opset {args.opset}'}, "
-        f"torch {torch.__version__} on {device.type}"
+        f"{'' if args.opset is None else f', opset {args.opset}'}, denormals "
+        f"{'kept' if args.keep_denormals else 'flushed'}, torch {torch.__version__} on {device.type}"
     )
     for name, model in models.items():
         macs = linear_macs(model)
@@ -367,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             size = sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.exists())
             paths[name] = path
             held = session_memory_mib(path, args.threads) if args.provider == "cpu" else None
-            session = onnxruntime_session(path, args.provider, threads=args.threads, stop_spinning=True)
+            session = onnxruntime_session(path, args.provider, threads=args.threads, stop_spinning=True,
+                                          flush_denormals=not args.keep_denormals)
             print(f"  {name:14s} exported in {sum(report.seconds.values()):.0f} s: "
                   f"{sum(report.op_counts.values())} nodes, {size / 2**20:.1f} MiB"
                   + ("" if held is None else f", ORT session {held:.0f} MiB") + ", "
@@ -384,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         profiles = {}
         if args.profile and args.provider == "cpu":
             layers = set().union(*(rewritten_layers(m) for m in models.values()))
-            profiles = {name: profile_model(path, idx, args.threads, layers) for name, path in paths.items()}
+            profiles = {name: profile_model(path, idx, args.threads, layers, flush_denormals=not args.keep_denormals)
+                        for name, path in paths.items()}
 
     print()
     print(format_table(["contender", "best ms", "median ms"],

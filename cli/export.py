@@ -89,24 +89,31 @@ def export_command(model_dir: str, output: str, dtype: str, provider: str, no_ch
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads (default: torch's).")
 @click.option("--no-compile", is_flag=True, help="Skip torch.compile of the rewrite.")
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX Runtime contenders.")
+@click.option("--keep-denormals", is_flag=True,
+              help="ONNX Runtime keeps denormal floats (its default; slower masked softmax on the CPU).")
 @_atol_option
 @_opset_option
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def bench_command(model_dir: str, tokens: tuple[int, ...], repeats: int, dtype: str, provider: str,
-                  threads: int | None, no_compile: bool, no_onnx: bool, atol: float | None, opset: int | None,
-                  as_json: bool) -> None:
+                  threads: int | None, no_compile: bool, no_onnx: bool, keep_denormals: bool, atol: float | None,
+                  opset: int | None, as_json: bool) -> None:
     """Time the dense base model and the rewrite in DIR side by side, in one run.
 
     Contenders: dense torch, structured torch eager, structured torch.compile, dense ONNX Runtime and structured
-    ONNX Runtime; then the speedups. Timing is interleaved (best of --repeats rounds), so compare ratios.
+    ONNX Runtime; then the speedups. Timing is interleaved (best of --repeats rounds), so compare ratios. ONNX
+    Runtime flushes denormal floats to zero unless --keep-denormals.
     """
     rows = bench_saved(model_dir, tokens=tokens, repeats=repeats, providers=provider, dtype=dtype,
-                       compile=not no_compile, onnx=not no_onnx, threads=threads, atol=atol, opset=opset)
+                       compile=not no_compile, onnx=not no_onnx, threads=threads, atol=atol, opset=opset,
+                       flush_denormals=not keep_denormals)
     if as_json:
-        _echo_json({"type": "BenchResult", "version": 1, "data": {"dir": model_dir, "provider": provider,
-                                                                  "dtype": dtype, "rows": [r.to_dict() for r in rows]}})
+        _echo_json({"type": "BenchResult", "version": 1, "data": {
+            "dir": model_dir, "provider": provider, "dtype": dtype, "denormals_flushed": not keep_denormals,
+            "rows": [r.to_dict() for r in rows]}})
     else:
-        click.echo(f"{model_dir}: dense base vs rewrite ({provider}, {dtype}; best of {repeats} interleaved rounds)")
+        denormals = "kept" if keep_denormals else "flushed"
+        click.echo(f"{model_dir}: dense base vs rewrite ({provider}, {dtype}, ORT denormals {denormals}; "
+                   f"best of {repeats} interleaved rounds)")
         click.echo(format_rows(rows))
         for line in slower_than_dense(rows):
             click.echo(line)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from . import moe_lowering
+from .denormals import flushing_denormals
 from .errors import ExportError
 from .external_ops import known_translations
 from .lowering import ONNX_TRANSLATIONS, is_lowered_weight, onnx_lowering
@@ -155,6 +156,7 @@ def onnxruntime_session(
     *,
     threads: int | None = None,
     stop_spinning: bool = False,
+    flush_denormals: bool = False,
 ) -> Any:
     """An ``InferenceSession`` with explicit providers and node-placement recording switched on.
 
@@ -162,6 +164,12 @@ def onnxruntime_session(
     timing it in turn with other sessions or torch. Left spinning, they take a core from whatever runs next: on the
     2-core development machine, three d=1024 GPT sessions timed in turn at 64 tokens gave the third one 27.1 ms
     best of 200 rounds, and 10.3 ms with spinning stopped.
+
+    ``flush_denormals``: denormal floats are flushed to zero on ORT's worker threads
+    (``session.set_denormal_as_zero``) and, for the length of each ``session.run``, on the calling thread
+    (:mod:`einrewrite.denormals`). A causal attention's masked ``Softmax`` then runs about 4x faster on the CPU:
+    the d=1024 benchmark GPT at 2048 tokens went from 913.5 to 872.3 ms (dense) and 341.0 to 296.8 ms (BTT), best
+    of 10 interleaved rounds, outputs unchanged.
     """
     import onnxruntime as ort
 
@@ -170,13 +178,18 @@ def onnxruntime_session(
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     if stop_spinning:
         options.add_session_config_entry("session.force_spinning_stop", "1")
+    if flush_denormals:
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
     if threads is not None:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=names)
+        session = ort.InferenceSession(str(path), options, providers=names)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ExportError(f"ONNX Runtime refused {path} with providers {names}: {e}") from e
+    if flush_denormals:
+        session.run = flushing_denormals(session.run)  # the calling thread runs part of every parallel loop
+    return session
 
 
 def export_onnx(

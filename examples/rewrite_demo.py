@@ -93,7 +93,8 @@ def onnx_step(dense: nn.Module, rewritten: nn.Module, example_inputs: tuple[Any,
                   f"{len(r.einsum_nodes)} Einsum; ORT vs PyTorch max |diff| {r.max_abs_diff:.2g}")
         args, kwargs = resize_inputs(example_inputs, {}, tokens, max_seq=max_sequence_length(dense))
         feed = args[0].numpy()  # another shape than the export's: batch and sequence are dynamic
-        sessions = {name: onnxruntime_session(r.path, "cpu", threads=torch.get_num_threads())
+        sessions = {name: onnxruntime_session(r.path, "cpu", threads=torch.get_num_threads(), stop_spinning=True,
+                                              flush_denormals=True)  # timed in turn; see einrewrite.denormals
                     for name, r in reports.items()}
         outputs = {name: s.run(None, {s.get_inputs()[0].name: feed})[0] for name, s in sessions.items()}
         with torch.no_grad():

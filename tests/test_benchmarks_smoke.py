@@ -70,6 +70,7 @@ def test_onnx_benchmark_quick_prints_ratios() -> None:
     assert float(row.group(1)) > 5  # the rewrite really cut the linear MACs (1/8 budget)
     assert row.group(2) == row.group(4) == row.group(5) == row.group(6)  # one round: its ratio is the best's
     assert "ORT parity" in out and re.search(r"^  btt\s+exported in \d+ s: \d+ nodes", out, re.M), out
+    assert re.search(r"^GPT d=256, .*, denormals flushed, torch ", out, re.M), out  # the sessions flush by default
     # --profile: the time in the rewritten layers and elsewhere, for dense and btt
     dense = re.search(r"rewritten layers \| elsewhere: dense ([\d.]+) \| ([\d.]+) ms", out)
     btt = re.search(r"^  btt\s+([\d.]+) \| ([\d.]+) ms: dense layers / these ([\d.]+)x; .* at most ([\d.]+)x",
@@ -85,7 +86,9 @@ def test_onnx_benchmark_quick_prints_ratios() -> None:
 def test_onnx_benchmark_times_btt_moe_with_both_routers() -> None:
     small = ("--d", "256", "--layers", "1", "--heads", "4", "--batch", "2", "--seq", "64")  # one block
     # float16, as on a GPU: rounding may route tokens to other experts, which must not stop the run
-    out = _run("onnx.py", *small, "--repeats", "1", "--structures", "btt_moe", "--dtype", "float16", timeout=240)
+    out = _run("onnx.py", *small, "--repeats", "1", "--structures", "btt_moe", "--dtype", "float16",
+               "--keep-denormals", timeout=240)
+    assert re.search(r"^GPT d=256, .*, denormals kept, torch ", out, re.M), out
     assert out.count("(float16 routing, no tolerance)") == 2, out
     loads = dict(re.findall(r"(btt_moe:\w+) .*max expert load ([\d.]+)x balanced", out))
     assert set(loads) == {"btt_moe:init", "btt_moe:random"}, out

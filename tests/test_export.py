@@ -15,6 +15,7 @@ from einrewrite import (
     STRUCTURES, EinsumLinear, EinsumSpec, ExportError, RewriteConfig, export_onnx, rewrite, structure,
 )
 from einrewrite import export as export_module
+from einrewrite.denormals import flushes_denormals
 from einrewrite.export import onnxruntime_session
 
 import models  # type: ignore[import-not-found]  # tests/models.py
@@ -136,6 +137,26 @@ def test_a_session_for_timing_stops_its_threads_spinning_after_each_run(tmp_path
     plain = onnxruntime_session(tmp_path / "l.onnx").get_session_options()
     with pytest.raises(RuntimeError, match="does not have configuration"):  # ORT's default: threads keep spinning
         plain.get_session_config_entry("session.force_spinning_stop")
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU cannot flush denormals")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_session_that_flushes_denormals_flushes_them_on_every_thread_that_runs(tmp_path: Path, threads: int) -> None:
+    export_onnx(_Doubles(), (torch.randn(4, 4096),), tmp_path / "double.onnx", check=False)
+    tiny = torch.full((256, 4096), 1e-39)  # denormal float32; enough rows for ORT to split the Mul over threads
+    plain = onnxruntime_session(tmp_path / "double.onnx", threads=threads)
+    flushing = onnxruntime_session(tmp_path / "double.onnx", threads=threads, flush_denormals=True)
+    assert flushing.get_session_options().get_session_config_entry("session.set_denormal_as_zero") == "1"
+    (kept,) = plain.run(None, {"x": tiny.numpy()})
+    (flushed,) = flushing.run(None, {"x": tiny.numpy()})
+    assert (kept != 0).all()  # ORT's default keeps denormals
+    assert (flushed == 0).all()  # with one thread: the caller flushed; with two: the worker too
+    assert not flushes_denormals()  # the caller's mode is back
+
+
+class _Doubles(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 2.0  # a denormal input stays denormal unless flushed
 
 
 def test_model_is_not_modified(tmp_path: Path) -> None:

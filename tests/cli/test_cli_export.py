@@ -140,6 +140,20 @@ def test_bench_says_where_the_rewrite_ran_slower_than_dense(tmp_path: Path, monk
     assert out.splitlines()[-1] == "SLOWER than dense in torch at 1 token (0.50x)"  # ONNX Runtime: faster at both
 
 
+def test_bench_keep_denormals_leaves_onnxruntime_its_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import einrewrite.cli.export as export_command
+    from einrewrite.bench import BenchRow
+
+    asked = []
+    rows = [BenchRow(1, {"dense ORT": 1.0, "structured ORT": 0.5}, (1, 1))]
+    monkeypatch.setattr(export_command, "bench_saved", lambda *args, **kwargs: asked.append(kwargs) or rows)
+    for flag, flushed in (("--keep-denormals", False), (None, True)):
+        code, out, err = run("bench", str(tmp_path), "--tokens", "1", *([flag] if flag else []))
+        assert code == 0, out + err
+        assert asked[-1]["flush_denormals"] is flushed
+        assert f"ORT denormals {'flushed' if flushed else 'kept'}" in out.splitlines()[0]
+
+
 def test_bench_opset_and_atol_reach_both_exports(rewritten: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import einrewrite.bench as bench_module
 
@@ -167,6 +181,9 @@ def test_bench_opset_and_atol_reach_both_exports(rewritten: Path, monkeypatch: p
     # timed in turn: each session's threads stop spinning when its run ends, leaving the cores to the next
     spinning = [s.get_session_options().get_session_config_entry("session.force_spinning_stop") for s in sessions]
     assert spinning == ["1", "1"]
+    flushing = [s.get_session_options().get_session_config_entry("session.set_denormal_as_zero") for s in sessions]
+    assert flushing == ["1", "1"]  # by default; --keep-denormals leaves ORT's default
+    assert json.loads(out)["data"]["denormals_flushed"] is True
     assert {"dense ORT", "structured ORT"} <= set(json.loads(out)["data"]["rows"][0]["times_ms"])
 
 
