@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -36,3 +39,16 @@ def test_a_wrapped_function_flushes_while_it_runs_and_restores_when_it_raises() 
     with pytest.raises(ValueError, match="inside"):
         flushing_denormals(fails)()
     assert not flushes_denormals()
+
+
+@needs_ftz
+def test_the_probe_holds_in_a_process_that_imported_it_while_flushing() -> None:
+    script = (
+        "import torch; torch.set_flush_denormal(True)\n"
+        "from einrewrite.denormals import flushes_denormals\n"
+        "assert flushes_denormals()\n"
+        "torch.set_flush_denormal(False)\n"
+        "assert not flushes_denormals()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
