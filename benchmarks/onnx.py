@@ -385,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
             session = onnxruntime_session(path, args.provider, threads=args.threads, stop_spinning=True,
                                           flush_denormals=not args.keep_denormals)
             print(f"  {name:14s} exported in {sum(report.seconds.values()):.0f} s: "
-                  f"{sum(report.op_counts.values())} nodes, {size / 2**20:.1f} MiB"
+                  f"{sum(report.op_counts.values())} nodes"
+                  + (f" ({len(report.handoffs)} layers handed off feature-major)" if report.handoffs else "")
+                  + f", {size / 2**20:.1f} MiB"
                   + ("" if held is None else f", ORT session {held:.0f} MiB") + ", "
                   f"ORT parity {report.max_abs_diff:.2g}{' (float16 routing, no tolerance)' if flips else ''}; "
                   f"nodes per provider: {placed or 'n/a'}"

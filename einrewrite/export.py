@@ -33,6 +33,7 @@ from . import moe_lowering
 from .denormals import flushing_denormals
 from .errors import ExportError
 from .external_ops import known_translations
+from .handoff import hand_off_feature_major
 from .lowering import ONNX_TRANSLATIONS, is_lowered_weight, onnx_lowering
 from .moe import BTTMoELinear
 from .moe_lowering import MoEGrouping, check_grouping, chooses_by_token_count
@@ -72,6 +73,7 @@ class ExportReport:
     placement: dict[str, int] = field(default_factory=dict)  # execution provider -> number of nodes
     fallback_nodes: list[str] = field(default_factory=list)  # nodes an accelerator EP left to the CPU
     optimization: str = "none"  # onnxscript's graph passes that ran: "full", "fold" or "none" (export_onnx)
+    handoffs: list[str] = field(default_factory=list)  # "producer -> consumer" layers joined feature-major
     checked: bool = False
     max_abs_diff: float | None = None
     atol: float | None = None
@@ -93,6 +95,9 @@ class ExportReport:
         lines = [
             f"ONNX {self.path} ({self.dtype}, opset {self.opset}, {graph}): {sum(self.op_counts.values())} nodes: {ops}"
         ]
+        if self.handoffs:
+            lines.append(f"{len(self.handoffs)} layer outputs handed to the next layer feature-major, no token-order "
+                         f"Gather: {', '.join(self.handoffs)}")
         if self.providers_used:
             placed = ", ".join(f"{k}: {v}" for k, v in self.placement.items())
             lines.append(f"providers {self.providers_used}; nodes per provider: {placed or 'n/a'}")
@@ -379,6 +384,7 @@ def _export_once(
         program = _run_exporter(work, args, kwargs, dynamic, opset, table, seconds, keep_unit_axes)
     with _step(seconds, "optimize", "optimizing the ONNX graph"):
         optimization = _optimize_graph(program, optimize)
+        handoffs = _hand_off(program, optimize)
     with _step(seconds, "save", f"saving and checking {path}"):
         _drop_debug_metadata(program.model)
         program.save(str(path))
@@ -394,6 +400,7 @@ def _export_once(
         op_counts=dict(Counter(n.op_type for n in _all_nodes(proto))),
         einsum_nodes=[_node_label(n) for n in _all_nodes(proto) if n.op_type == "Einsum"],
         optimization=optimization,
+        handoffs=handoffs,
         seconds=seconds,
     )
     structured_einsums = [n for n in report.einsum_nodes if any(c in n for c in _STRUCTURED_CLASSES)]
@@ -627,6 +634,19 @@ def _optimize_graph(program: Any, optimize: bool | None) -> str:
         onnxscript.optimizer.fold_constants(model, should_fold=_fold_unless_lowered_weight)
         onnxscript.optimizer.remove_unused_nodes(model)
     return "fold"
+
+
+def _hand_off(program: Any, optimize: bool | None) -> list[str]:
+    """:func:`einrewrite.handoff.hand_off_feature_major` on ``program`` unless ``optimize`` is False, then the
+    nodes left unused (the skipped Gathers' shape arithmetic) removed."""
+    import onnxscript.optimizer
+
+    if optimize is False:
+        return []
+    handoffs = hand_off_feature_major(program.model)
+    if handoffs:
+        onnxscript.optimizer.remove_unused_nodes(program.model)
+    return handoffs
 
 
 def _ir_nodes(model: Any) -> Iterator[Any]:
