@@ -23,6 +23,8 @@ Appendix A). The lowering here is built for what ORT actually runs:
   layer at 2048 tokens: Transpose 7.3 ms, its two MatMuls 9.4) the Gather ran the model 7% faster at 2048 tokens
   and at 1, and 4% slower at 64 (per-round medians of interleaved runs, threads not left spinning). The Gather's
   row indices come from the graph's token count, so the optimizer computes them once for every layer.
+  Where the next layer reads this output through an activation only, :mod:`einrewrite.handoff` skips the Gather
+  and hands ``(φ, N, ε)`` over as the next layer's ``(γ, α, N)``.
 * The general θ path (kronecker, tensor_train, any einsum point) runs as the same pairwise MatMuls with the
   contraction order of the eager plan (input meets A or B first, the cheaper by MACs); where β or δ > 1 a stage
   may need an explicit permute, always with the token axis last, and the output its Transpose. No ``Einsum``

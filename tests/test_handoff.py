@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from einrewrite import EinsumLinear, export_onnx, structure
 from einrewrite.export import onnxruntime_session
 
+import models  # type: ignore[import-not-found]  # tests/models.py
+
 
 class _Mlp(nn.Module):
     def __init__(self, name: str, act: nn.Module, hidden: int = 256, **hyper: int) -> None:
@@ -38,7 +40,7 @@ class _Gated(_Mlp):
         self.up = EinsumLinear(structure("btt", 64, 256))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)) * self.up(x))  # two layers meet: not a chain
+        return self.fc2(self.act(self.fc1(x)) * self.up(x))  # two layers meet, as in Llama's MLP
 
 
 class _ReadTwice(_Mlp):
@@ -79,8 +81,17 @@ def test_an_mlp_hands_its_hidden_layer_over_feature_major(name: str, act: nn.Mod
     _runs_like_torch(model, path)
 
 
-@pytest.mark.parametrize("model", [_Gated(), _ReadTwice(), _Mlp("monarch", nn.GELU(), blocks=8)],
-                         ids=["gated", "read_twice", "other_factors"])
+def test_a_gated_mlp_hands_both_layers_over(tmp_path: Path) -> None:
+    model = _Gated().eval()
+    path = tmp_path / "gated.onnx"
+    report = export_onnx(model, (torch.randn(2, 5, 64),), path)
+    assert report.handoffs == ["fc1 -> fc2", "up -> fc2"]  # silu(fc1(x)) * up(x): x·sigmoid(x), then a product
+    assert _gathers(path) == 1
+    _runs_like_torch(model, path)
+
+
+@pytest.mark.parametrize("model", [_ReadTwice(), _Mlp("monarch", nn.GELU(), blocks=8)],
+                         ids=["read_twice", "other_factors"])
 def test_a_hidden_layer_that_is_not_a_chain_keeps_its_gather(model: nn.Module, tmp_path: Path) -> None:
     path = tmp_path / "mlp.onnx"
     report = export_onnx(model.eval(), (torch.randn(2, 5, 64),), path)
@@ -104,3 +115,17 @@ def test_layers_whose_biases_the_optimizer_merged_each_hand_off(tmp_path: Path) 
     # and the first MLP's output feeds the second one directly: a handoff with nothing between
     assert report.handoffs == ["0.fc1 -> 0.fc2", "0.fc2 -> 1.fc1", "1.fc1 -> 1.fc2"]
     _runs_like_torch(model, path)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_hugging_face_mlps_hand_off(name: str, tmp_path: Path) -> None:
+    """Llama's SwiGLU (two layers into one) and GPT-2's tanh GELU, written out in eight ops, rewritten to BTT."""
+    from einrewrite import FlopBudget, RewriteConfig, rewrite
+
+    factory = {"llama": models.tiny_llama, "gpt2": models.tiny_gpt2}[name]
+    inputs = {**models.token_ids(2, 8), "use_cache": False}
+    new, _ = rewrite(factory(), RewriteConfig(structure="btt", budget=FlopBudget(ratio=0.5)), inputs)
+    report = export_onnx(new, (), tmp_path / f"{name}.onnx", example_kwargs=inputs)  # checked against PyTorch
+    mlp = {"llama": "model.layers.{}.mlp.{}", "gpt2": "transformer.h.{}.mlp.{}"}[name]
+    pairs = {"llama": [("gate_proj", "down_proj"), ("up_proj", "down_proj")], "gpt2": [("c_fc", "c_proj")]}[name]
+    assert report.handoffs == [f"{mlp.format(i, a)} -> {mlp.format(i, b)}" for i in range(2) for a, b in pairs]
