@@ -142,8 +142,8 @@ def _regions(graph: Any) -> list[_Region]:
             keys = {(source.phi, source.eps)}
             operands = []
         else:
-            operands = [v for v in _region_operands(node) or [] if v in factors]
-            if not operands or len(operands) != len(_region_operands(node) or []):
+            operands = _region_operands(node) or []
+            if not operands or any(v not in factors for v in operands):
                 continue
             keys = {factors[v] for v in operands}
             if len(keys) != 1 or not _fits(node, *next(iter(keys))) or _end(node, *next(iter(keys))) is not None:
