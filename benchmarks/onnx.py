@@ -54,7 +54,6 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -76,7 +75,6 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import einrewrite as er  # noqa: E402
 from einrewrite.bench import round_ratios, time_rounds  # noqa: E402
-from einrewrite.denormals import denormals_flushed  # noqa: E402
 from einrewrite.export import onnxruntime_session  # noqa: E402
 from einrewrite.tables import format_table  # noqa: E402
 from tiny_gpt import build  # noqa: E402
@@ -222,21 +220,12 @@ def profile_model(
     branch's nodes) and in the nodes of ``layers`` (a node ORT fused keeps its first node's name; fusions ORT
     names anew, such as BiasGelu, which takes a layer's bias, count elsewhere). ``flush_denormals`` as in
     :func:`einrewrite.export.onnxruntime_session`."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.log_severity_level = 3
-    options.profile_file_prefix = str(path.with_suffix(""))
-    if flush_denormals:
-        options.add_session_config_entry("session.set_denormal_as_zero", "1")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(path, "cpu", threads=threads, flush_denormals=flush_denormals,
+                                  profile_prefix=str(path.with_suffix("")))
     feeds = {session.get_inputs()[0].name: idx.numpy()}
-    with denormals_flushed() if flush_denormals else contextlib.nullcontext():
-        session.run(None, feeds)  # warm-up, not counted below
-        for _ in range(runs):
-            session.run(None, feeds)
+    session.run(None, feeds)  # warm-up, not counted below
+    for _ in range(runs):
+        session.run(None, feeds)
     trace = session.end_profiling()
     events = json.loads(Path(trace).read_text())
     os.remove(trace)
