@@ -85,6 +85,53 @@ def test_auto_on_a_wide_layer_chooses_the_grouping_by_token_count_when_the_model
             torch.testing.assert_close(_run_ort(path, x), layer(x), rtol=1e-4, atol=1e-4)
 
 
+def test_the_token_count_op_runs_the_by_set_grouping_from_its_threshold_on_and_by_expert_below() -> None:
+    layer = moe_layer(64, 96, experts=8, seed=6).eval()
+    weights = moe_lowering.export_weights(layer)
+    members = [i for s in expert_sets(8, 2) or [] for i in s]
+    sizes = [*[layer.spec.sizes[i] for i in (0, 2, 5, 4, 6)], 2]  # α, γ, φ, ε, E, k
+    ops = torch.ops.einrewrite
+    for tokens in (15, 16, 40):
+        x = torch.randn(tokens, 64)
+        index, gates = moe_lowering.route(layer.router(x), 2)  # (N, k) each
+        code = (torch.tensor([1 << i for i in range(8)])[index]).sum(1)  # (N,)
+        table = torch.zeros(tokens, 8).scatter(1, index, gates)  # (N, E)
+        x3 = x.reshape(tokens, sizes[1], sizes[0])  # (N, γ, α)
+        got = ops.moe_by_token_count(x3, code, table, index.reshape(-1), gates.reshape(-1), weights, members, sizes, 16)
+        by_set = ops.moe_by_expert_set(x3, code, table, weights, members, sizes)
+        by_expert = ops.moe_by_expert(x3, index.reshape(-1), gates.reshape(-1), weights, sizes)
+        assert torch.equal(got, by_set if tokens >= 16 else by_expert)
+        assert not torch.equal(by_set, by_expert)  # summed in another order: the two are told apart
+
+
+def test_two_layers_choosing_by_token_count_export_one_if_each_with_names_unique_in_the_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each ``If`` is written by the op's translation: its branches read the outer graph's values (input, gates,
+    weights) and name theirs apart from every other value of the model, as ONNX requires."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(moe_lowering, "MIN_SET_WIDTH", 0)
+    monkeypatch.setattr(moe_lowering, "MIN_SET_TOKENS", 24)
+    model = nn.Sequential(moe_layer(64, 96, experts=8, seed=7), nn.GELU(), moe_layer(96, 64, experts=8, seed=8)).eval()
+    path = tmp_path / "moe.onnx"
+    report = er.export_onnx(model, (torch.randn(3, 8, 64),), path)
+    assert report.checked and report.op_counts["If"] == 2 and report.op_counts["NonZero"] == 2 * (8 + 28)
+    proto = onnx.load(str(path))
+    names, graphs = [], [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            names.extend(node.output)
+            graphs.extend(a.g for a in node.attribute if a.HasField("g"))
+    assert len(names) == len(set(names))
+    onnx.checker.check_model(proto, full_check=True)
+    for tokens in (5, 24, 70):
+        x = torch.randn(1, tokens, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(_run_ort(path, x), model(x), rtol=1e-4, atol=1e-4)
+
+
 class _RefusingSession:
     """An ONNX Runtime session stand-in that fails every run (e.g. a batch too large for the machine)."""
 
