@@ -43,8 +43,9 @@ static output shape, instead of tracing every group's data-dependent ``NonZero``
 gates) stays in torch and exports as usual. The choice by token count is a third op,
 ``einrewrite::moe_by_token_count``, whose translation records both groupings' nodes as the branches of an ONNX
 ``If`` (:func:`_onnx_branch`); a ``torch.cond`` over the other two ops exported the same graph, but torch traced
-each branch several times: the d=1024 benchmark GPT's BTT-MoE export took 60 s with it and 33 s without. Unlike the eager sparse path (:mod:`einrewrite.moe`), the weights
-are per-expert initializers and nothing here needs autograd. Axis letters as in :mod:`einrewrite.lowering`:
+each branch several times: the d=1024 benchmark GPT's BTT-MoE export took 60 s with it and 33 s without.
+Unlike the eager sparse path (:mod:`einrewrite.moe`), the weights are per-expert initializers and nothing here
+needs autograd. Axis letters as in :mod:`einrewrite.lowering`:
 α, γ input factors, φ, ε output factors.
 """
 
