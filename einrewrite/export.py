@@ -393,6 +393,7 @@ def _export_once(
         handoffs = _hand_off(program, optimize)
     with _step(seconds, "save", f"saving and checking {path}"):
         _drop_debug_metadata(program.model)
+        _branches_inherit_scopes(program.model)
         program.save(str(path))
         try:
             onnx.checker.check_model(str(path))
@@ -676,6 +677,33 @@ def _drop_debug_metadata(model: Any) -> None:
     for node in _ir_nodes(model):
         for key in _DEBUG_METADATA:
             node.metadata_props.pop(key, None)
+
+
+# The metadata naming a node's module path; a node in an If's branch without it takes its If's.
+_SCOPE_METADATA = ("namespace", "pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.name_scopes")
+
+
+def _branches_inherit_scopes(model: Any) -> None:
+    """Give every node of an ``If`` branch that has no module path its ``If``'s (an onnx_ir model, in place): the
+    nodes a translation records as branches, such as a BTT-MoE layer's two groupings, get none from the exporter,
+    and an ONNX Runtime error in one should name the layer."""
+    import onnx_ir
+
+    def visit(graph: Any, inherited: dict[str, str]) -> None:
+        for node in graph:
+            props = node.metadata_props
+            if inherited and _SCOPE_METADATA[-1] not in props:
+                props.update(inherited)
+            scopes = {key: props[key] for key in _SCOPE_METADATA if key in props}
+            for attribute in node.attributes.values():
+                if attribute.type == onnx_ir.AttributeType.GRAPH:
+                    visit(attribute.value, scopes)
+                elif attribute.type == onnx_ir.AttributeType.GRAPHS:
+                    for branch in attribute.value:
+                        visit(branch, scopes)
+
+    for graph in (model.graph, *model.functions.values()):
+        visit(graph, {})
 
 
 def _fold_unless_lowered_weight(node: Any) -> bool | None:

@@ -3,6 +3,7 @@ Runtime, give the same bits on every run and keep dynamic shapes."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from collections import Counter
@@ -104,6 +105,11 @@ def test_the_token_count_op_runs_the_by_set_grouping_from_its_threshold_on_and_b
         assert not torch.equal(by_set, by_expert)  # summed in another order: the two are told apart
 
 
+def _scopes(node: object) -> list[str]:
+    props = {p.key: p.value for p in node.metadata_props}  # type: ignore[attr-defined]
+    return ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+
+
 def test_two_layers_choosing_by_token_count_export_one_if_each_with_names_unique_in_the_model(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -126,6 +132,9 @@ def test_two_layers_choosing_by_token_count_export_one_if_each_with_names_unique
             graphs.extend(a.g for a in node.attribute if a.HasField("g"))
     assert len(names) == len(set(names))
     onnx.checker.check_model(proto, full_check=True)
+    for layer, node in zip(("0", "2"), (n for n in proto.graph.node if n.op_type == "If"), strict=True):
+        for branch in (a.g for a in node.attribute):  # each branch node names its layer, as its If does
+            assert {n.name: _scopes(n)[-2] for n in branch.node} == {n.name: layer for n in branch.node}
     for tokens in (5, 24, 70):
         x = torch.randn(1, tokens, 64)
         with torch.no_grad():
