@@ -301,15 +301,8 @@ def _(x: Tensor, index: Tensor, gates: Tensor, weights: list[Tensor], sizes: lis
 
 @torch.library.custom_op("einrewrite::moe_by_token_count", mutates_args=())
 def _moe_by_token_count(
-    x: Tensor,
-    code: Tensor,
-    table: Tensor,
-    index: Tensor,
-    gates: Tensor,
-    weights: list[Tensor],
-    members: list[int],
-    sizes: list[int],
-    min_tokens: int,
+    x: Tensor, code: Tensor, table: Tensor, index: Tensor, gates: Tensor, weights: list[Tensor], members: list[int],
+    sizes: list[int], min_tokens: int,
 ) -> Tensor:
     """:func:`_moe_by_expert_set` from ``min_tokens`` tokens on, :func:`_moe_by_expert` below: (N, φ, ε)."""
     if x.shape[0] >= min_tokens:
@@ -319,15 +312,8 @@ def _moe_by_token_count(
 
 @_moe_by_token_count.register_fake
 def _(
-    x: Tensor,
-    code: Tensor,
-    table: Tensor,
-    index: Tensor,
-    gates: Tensor,
-    weights: list[Tensor],
-    members: list[int],
-    sizes: list[int],
-    min_tokens: int,
+    x: Tensor, code: Tensor, table: Tensor, index: Tensor, gates: Tensor, weights: list[Tensor], members: list[int],
+    sizes: list[int], min_tokens: int,
 ) -> Tensor:
     return x.new_empty(x.shape[0], sizes[2], sizes[3])  # (N, φ, ε)
 
