@@ -305,7 +305,11 @@ def export_onnx(
 
 
 def _export_with_unit_axes(
-    attempt: Callable[..., ExportReport], work: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], unit: list[str]
+    attempt: Callable[..., ExportReport],
+    work: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    unit: list[str],
 ) -> ExportReport:
     """Export from an example of size 1 along the dynamic axes ``unit`` so that they stay dynamic, trying in turn:
 
@@ -385,7 +389,8 @@ def _export_once(
     """
     import onnx
 
-    with onnx_lowering(work, moe_grouping):  # structured layers trace as MatMul chains with pre-arranged weights
+    # structured layers trace as MatMul chains with pre-arranged weights
+    with onnx_lowering(work, moe_grouping), moe_lowering.numbered_branches():
         table = {**ONNX_TRANSLATIONS, **known_translations(), **(translations or {})}
         program = _run_exporter(work, args, kwargs, dynamic, opset, table, seconds, keep_unit_axes)
     with _step(seconds, "optimize", "optimizing the ONNX graph"):

@@ -51,10 +51,11 @@ needs autograd. Axis letters as in :mod:`einrewrite.lowering`:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -68,8 +69,8 @@ __all__ = [
     "MAX_EXPERT_SETS",
     "MIN_SET_TOKENS",
     "MIN_SET_WIDTH",
-    "MoEGrouping",
     "ONNX_TRANSLATIONS",
+    "MoEGrouping",
     "attach_moe_weights",
     "attach_weights",
     "attached_weights",
@@ -80,6 +81,7 @@ __all__ = [
     "export_weights",
     "grouped_by_set",
     "lowered_moe_forward",
+    "numbered_branches",
     "onnx_token_rows",
 ]
 
@@ -254,7 +256,7 @@ def _moe_by_expert_set(
     """Per expert set: its tokens (``code`` equal to the set's bit mask) gathered once from ``x`` (N, γ, α), each
     of its k experts run on them with its gate from ``table`` (N, E), the k outputs added; the outputs back in
     token order: (N, φ, ε)."""
-    a, g, f, e, r, k = sizes
+    _, _, f, e, r, k = sizes  # α, γ, φ, ε, r, k
     gate_at = _gate_position(sizes)
     outs, groups = [], []
     for ids, bits in _set_codes(members, k):
@@ -279,7 +281,7 @@ def _moe_by_expert(x: Tensor, index: Tensor, gates: Tensor, weights: list[Tensor
     """Per expert: the (token, slot) pairs routed to it (``index``, ``gates``: (N·k,) each), their tokens from
     ``x`` (N, γ, α), gated on the narrowest of input, intermediate and output; the k slots summed in token order:
     (N, φ, ε)."""
-    a, g, f, e, r, k = sizes
+    _, _, f, e, r, k = sizes  # α, γ, φ, ε, r, k
     n = x.shape[0]
     gate_at = _gate_position(sizes)
     outs, groups = [], []
@@ -398,7 +400,7 @@ def _onnx_by_expert_set(
 ) -> Any:
     from onnxscript import opset18 as op
 
-    a, g, f, e, r, k = sizes
+    _, _, f, e, r, k = sizes  # α, γ, φ, ε, r, k
     gate_at = _gate_position(sizes)
     shape, token_axis = _GATE_SHAPES[gate_at]
     by_expert = op.Reshape(op.Transpose(table, perm=[1, 0]), _ints(r, *shape))  # (E, gate shape with N)
@@ -420,7 +422,7 @@ def _onnx_by_expert_set(
 def _onnx_by_expert(x: Any, index: Any, gates: Any, weights: Sequence[Any], sizes: Sequence[int]) -> Any:
     from onnxscript import opset18 as op
 
-    a, g, f, e, r, k = sizes
+    _, _, f, e, r, k = sizes  # α, γ, φ, ε, r, k
     gate_at = _gate_position(sizes)
     gate_shape = _ints(*_GATE_SHAPES[gate_at][0])
     slots = op.Constant(value_int=k)
@@ -438,6 +440,18 @@ def _onnx_by_expert(x: Any, index: Any, gates: Any, weights: Sequence[Any], size
 
 
 _branch_ids = itertools.count()
+
+
+@contextlib.contextmanager
+def numbered_branches() -> Iterator[None]:
+    """Number the ``If`` branches translated inside from 0, so that two exports of one model in one process write
+    the same names (the exporter numbers its own nodes per export)."""
+    global _branch_ids
+    outer, _branch_ids = _branch_ids, itertools.count()
+    try:
+        yield
+    finally:
+        _branch_ids = outer
 
 
 def _onnx_branch(label: str, build: Callable[[], Any]) -> Any:

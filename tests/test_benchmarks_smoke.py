@@ -69,7 +69,8 @@ def test_onnx_benchmark_quick_prints_ratios() -> None:
     assert row is not None, out
     assert float(row.group(1)) > 5  # the rewrite really cut the linear MACs (1/8 budget)
     assert row.group(2) == row.group(4) == row.group(5) == row.group(6)  # one round: its ratio is the best's
-    assert "ORT parity" in out and re.search(r"^  btt\s+exported in \d+ s: \d+ nodes \(2 layers handed off", out, re.M), out  # both MLPs
+    handed_off = re.search(r"^  btt\s+exported in \d+ s: \d+ nodes \(2 layers handed off", out, re.M)  # both MLPs
+    assert "ORT parity" in out and handed_off, out
     assert re.search(r"^GPT d=256, .*, denormals flushed, torch ", out, re.M), out  # the sessions flush by default
     # --profile: the time in the rewritten layers and elsewhere, for dense and btt
     dense = re.search(r"rewritten layers \| elsewhere: dense ([\d.]+) \| ([\d.]+) ms", out)

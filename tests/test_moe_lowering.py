@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 import einrewrite as er
-from einrewrite.errors import ExportError
 from einrewrite import moe_lowering
+from einrewrite.errors import ExportError
 from einrewrite.lowering import is_lowered_weight
 from einrewrite.moe import BTTMoELinear
 from einrewrite.moe_lowering import MIN_SET_WIDTH, expert_sets, grouped_by_set, lowered_moe_forward
@@ -114,7 +114,8 @@ def test_two_layers_choosing_by_token_count_export_one_if_each_with_names_unique
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Each ``If`` is written by the op's translation: its branches read the outer graph's values (input, gates,
-    weights) and name theirs apart from every other value of the model, as ONNX requires."""
+    weights) and name theirs apart from every other value of the model, as ONNX requires; a second export in the
+    same process writes the same file."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     monkeypatch.setattr(moe_lowering, "MIN_SET_WIDTH", 0)
@@ -139,6 +140,9 @@ def test_two_layers_choosing_by_token_count_export_one_if_each_with_names_unique
         x = torch.randn(1, tokens, 64)
         with torch.no_grad():
             torch.testing.assert_close(_run_ort(path, x), model(x), rtol=1e-4, atol=1e-4)
+    again = tmp_path / "again.onnx"
+    er.export_onnx(model, (torch.randn(3, 8, 64),), again, check=False)
+    assert again.read_bytes() == path.read_bytes()
 
 
 class _RefusingSession:
