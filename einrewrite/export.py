@@ -82,6 +82,7 @@ class ExportReport:
     unchecked: str | None = None  # what the parity check could not run, and why
     fixed_sizes: list[str] = field(default_factory=list)  # dynamic axes the example had at size 1, fixed at 1
     doubled_sizes: list[str] = field(default_factory=list)  # ... kept dynamic by capturing the example doubled
+    inputs_added: dict[str, Any] = field(default_factory=dict)  # keyword inputs export_onnx set (use_cache=False)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step, in the order they ran
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +117,10 @@ class ExportReport:
                 f"captured from the example doubled along {', '.join(self.doubled_sizes)}, where it had size 1 "
                 "(torch.export would have fixed that size), and checked at both sizes"
             )
+        if self.inputs_added:
+            added = ", ".join(f"{k}={v!r}" for k, v in self.inputs_added.items())
+            lines.append(f"exported with {added} added to the example, so the graph holds no KV cache (pass "
+                         "use_cache in example_kwargs to choose)")
         if self.fixed_sizes:
             lines.append(
                 f"WARNING: takes only size 1 along {', '.join(self.fixed_sizes)}: torch.export fixed the size the "
@@ -227,7 +232,8 @@ def export_onnx(
         model: any module, structured or not; it is copied, never modified.
         example_inputs: positional inputs (a tensor or a tuple).
         path: where to write the ``.onnx`` file (weights may go to ``path + ".data"``).
-        example_kwargs: keyword inputs (e.g. ``{"use_cache": False}`` for Hugging Face models).
+        example_kwargs: keyword inputs. A model whose config caches keys and values (Hugging Face decoders) is
+            exported with ``use_cache=False`` unless they give ``use_cache`` (``report.inputs_added``).
         dynamic_axes: every axis of every input is dynamic except the feature (last) axis of float inputs,
             so batch and sequence length may change at run time. Where the example has size 1 on such an axis
             (a batch of one), torch.export would fix that size: the model is captured from the example doubled
@@ -280,6 +286,8 @@ def export_onnx(
     kwargs = dict(example_kwargs or {})
     # torch.export's shape guards fail on strided views (e.g. ids[:2, :8]): export with compact copies
     args, kwargs = tree_map(lambda t: t.contiguous() if isinstance(t, Tensor) else t, (args, kwargs))
+    added = _without_kv_cache(model, args, kwargs)
+    kwargs.update(added)
     names = resolve_providers(providers) if check else []
     work = copy.deepcopy(model).eval()
     if dtype == "float16":
@@ -298,10 +306,26 @@ def export_onnx(
     else:  # no size-1 axis, or no ONNX Runtime to tell whether the graph still holds a 1: torch.export fixes them
         report = attempt(args, kwargs)
         report.fixed_sizes = unit
+    report.inputs_added = added
     if report.fixed_sizes:
         log.warning("%s: sizes fixed at 1: %s", path, ", ".join(report.fixed_sizes))
     log.info("exported %s in %.1f s", path, sum(seconds.values()))  # the caller prints report.summary()
     return report
+
+
+def _without_kv_cache(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``{"use_cache": False}`` for a model whose config caches keys and values by default (Hugging Face decoders)
+    and whose forward takes ``use_cache``, unless the example gives it; else ``{}``. torch.export cannot return
+    transformers' ``DynamicCache``, and an exported graph has no use for one built from the example."""
+    if not getattr(getattr(model, "config", None), "use_cache", False):
+        return {}
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):  # no signature, or the example does not fit it: torch.export will say so
+        return {}
+    if "use_cache" in bound.arguments or "use_cache" not in bound.signature.parameters:
+        return {}
+    return {"use_cache": False}
 
 
 def _export_with_unit_axes(
@@ -566,9 +590,11 @@ def _run_exporter(
             with _step(seconds, "capture", f"capturing {type(model).__name__} with torch.export"), oblivious:
                 program = torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=dynamic, strict=False)
         except Exception as e:  # torch.export raises many types
+            hint = (" A model that returns a KV cache exports with use_cache=False in example_kwargs."
+                    if "Cache" in _first_line(e) else "")
             raise ExportError(
                 f"torch.export could not capture {type(model).__name__}: {_first_line(e)}. The model must be "
-                "exportable (no data-dependent Python control flow); see torch.export's troubleshooting guide"
+                f"exportable (no data-dependent Python control flow); see torch.export's troubleshooting guide.{hint}"
             ) from e
         try:
             with _step(seconds, "translate", "translating the captured graph to ONNX"):

@@ -84,7 +84,7 @@ def _inputs(name: str, batch: int, seq: int) -> dict[str, Any]:
     if name == "vit":  # images: only the batch varies
         return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seq))}
     ids = models.token_ids(batch, seq)
-    return ids if name == "bert" else {**ids, "use_cache": False}  # no KV cache in the exported graph
+    return {**ids, "use_cache": False} if name == "gpt2" else ids  # the others: export_onnx adds it
 
 
 CASES: dict[str, tuple[Callable[[], nn.Module], RewriteConfig, dict[str, str]]] = {
@@ -163,6 +163,9 @@ def _rewrite_export_and_run(name: str, tmp_path: Path, opset: int | None = None)
     result = export_onnx(new, (), path, example_kwargs=_inputs(name, 2, 8), opset=opset)
     assert result.checked and result.max_abs_diff is not None and result.max_abs_diff < 1e-4
     assert "Einsum" not in _ops(path) and not result.einsum_nodes
+    # models that take use_cache, given none, export without a KV cache, as the report says (ViT takes none)
+    assert result.inputs_added == ({"use_cache": False} if name in ("bert", "llama", "mixtral") else {})
+    assert ("use_cache=False added" in result.summary()) == bool(result.inputs_added)
     if "btt_moe" in expected.values():  # sparse routing: only the selected experts run
         assert result.op_counts["NonZero"] >= 8 and "Gather" in result.op_counts
         # combined by gathers and adds, not by a racy ScatterND(add) or ScatterElements(add)
@@ -238,3 +241,11 @@ def test_rewritten_gpt2_exported_from_one_token_keeps_batch_and_sequence_dynamic
     with torch.no_grad():
         expected = _first_output(new(**inputs))
     torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_decoder_asked_for_its_kv_cache_fails_with_a_way_out(tmp_path: Path) -> None:
+    """torch.export cannot return transformers' cache object: given ``use_cache=True`` explicitly, the error says
+    what to pass instead (given nothing, export_onnx passes it, as the test above shows)."""
+    with pytest.raises(ExportError, match=r"LlamaForCausalLM.*Cache.*exports with use_cache=False in example_kwargs"):
+        export_onnx(models.tiny_llama(), (), tmp_path / "cache.onnx",
+                    example_kwargs={**models.token_ids(2, 8), "use_cache": True})
