@@ -14,10 +14,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,15 +25,16 @@ from torch import nn
 from .budget import LayerRequest, solve, solve_layer
 from .config import ConfigError, RewriteConfig, structure_to_dict
 from .errors import BudgetInfeasibleError, EinrewriteError, SavedModelError, StructureMismatchError
+from .inputs import Inputs, default_example_inputs, split_inputs
 from .passes import DEFAULT_PIPELINE, PassContext, find_targets, run_pipeline, trace_model
 from .passes.replace_linear import apply_graph_plan
 from .passes.swap_modules import dense_weight, set_submodule, structured_module
 from .passes.trace import export_graph, find_linear_uses
 from .passes.verify import run_model
 from .report import Decision, RewriteReport, contraction_summary
-from .tables import format_table
 from .spec import EinsumSpec
 from .structures import STRUCTURES
+from .tables import format_table
 from .targets import Candidate, is_conv1d, is_structured
 
 __all__ = [
@@ -58,64 +59,9 @@ INPUTS_FILE = "example_inputs.safetensors"
 _FORMAT_VERSION = 1
 _MODES = ("auto", "module", "graph")
 
-class Inputs(NamedTuple):
-    """Example inputs split into positional and keyword arguments (also accepted as ``example_inputs``)."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
 
 class ModelSourceError(ConfigError):
     """A MODEL argument is neither a Hugging Face directory, an einrewrite directory nor ``package.module:factory``."""
-
-
-# ---- example inputs --------------------------------------------------------------------------------------
-def _split_inputs(example_inputs: Any) -> Inputs | None:
-    """``None`` | a tensor | a tuple/list of positional inputs | a dict of keyword inputs -> (args, kwargs)."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, Inputs):
-        return example_inputs
-    if isinstance(example_inputs, torch.Tensor):
-        return Inputs((example_inputs,), {})
-    if isinstance(example_inputs, Mapping):
-        return Inputs((), dict(example_inputs))
-    if isinstance(example_inputs, (tuple, list)):
-        return Inputs(tuple(example_inputs), {})
-    raise ConfigError(
-        f"example_inputs: expected a tensor, a tuple of positional inputs or a dict of keyword inputs, got "
-        f"{type(example_inputs).__name__}"
-    )
-
-
-def default_example_inputs(model: nn.Module, *, batch: int = 2, seq: int = 8) -> Inputs | None:
-    """Dummy inputs for a Hugging Face model from its config (``input_ids`` or ``pixel_values``), else None.
-
-    Examples:
-        >>> default_example_inputs(torch.nn.Linear(2, 2)) is None
-        True
-    """
-    config = getattr(model, "config", None)
-    name = getattr(model, "main_input_name", None)
-    if config is None or name is None:
-        return None
-    generator = torch.Generator().manual_seed(0)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    kwargs: dict[str, Any]
-    if name == "input_ids":
-        vocab = int(getattr(config, "vocab_size", 0) or 2)
-        kwargs = {"input_ids": torch.randint(0, min(vocab, 1000), (batch, seq), generator=generator).to(device)}
-        if hasattr(config, "use_cache"):
-            kwargs["use_cache"] = False
-    elif name == "pixel_values":
-        size = getattr(config, "image_size", 32)
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        channels = int(getattr(config, "num_channels", 3))
-        kwargs = {"pixel_values": torch.randn(batch, channels, h, w, generator=generator).to(device, dtype)}
-    else:
-        return None
-    return Inputs((), kwargs)
 
 
 def _count_params(model: nn.Module) -> int:
@@ -173,7 +119,7 @@ def rewrite(
         raise ConfigError(f"config: expected an einrewrite.RewriteConfig, got {type(config).__name__}")
     if mode not in _MODES:
         raise ConfigError(f"mode must be one of {_MODES}, got {mode!r}")
-    inputs = _split_inputs(example_inputs)
+    inputs = split_inputs(example_inputs)
     defaulted = inputs is None
     if defaulted:
         inputs = default_example_inputs(model)
@@ -321,7 +267,7 @@ def inspect_model(
         mode: as for :func:`rewrite`.
     """
     config = RewriteConfig() if config is None else config
-    inputs = _split_inputs(example_inputs) or default_example_inputs(model)
+    inputs = split_inputs(example_inputs) or default_example_inputs(model)
     ctx = PassContext(config=config, mode=mode, verify=False)
     if inputs is not None:
         ctx.args, ctx.kwargs = inputs
@@ -577,7 +523,7 @@ def _build_base(path: Path, meta: dict[str, Any]) -> tuple[nn.Module, Inputs | N
     base = meta["base"]
     if base.get("factory"):
         model, inputs = _call_factory(base["factory"])
-        return model, _split_inputs(inputs)
+        return model, split_inputs(inputs)
     if base.get("hf_config"):
         return _build_hf(path, base.get("class"), weights=False), None
     raise SavedModelError(

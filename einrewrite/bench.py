@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .config import ConfigError
 from .export import export_onnx, onnxruntime_session, resolve_providers
+from .inputs import default_example_inputs, split_inputs
 
 __all__ = [
     "BenchRow",
@@ -383,12 +384,12 @@ def bench_saved(
     Examples:
         >>> print(format_rows(bench_saved("out/tiny_gpt_btt", tokens=(64,))))  # doctest: +SKIP
     """
-    from .api import _split_inputs, default_example_inputs, load_base_model, load_pretrained
+    from .api import load_base_model, load_pretrained
 
     names = resolve_providers(providers) if onnx else []  # fail fast on a missing provider
     base = load_base_model(out_dir)
     structured = load_pretrained(out_dir).eval()
-    inputs = _split_inputs(getattr(structured.einrewrite_report, "example_inputs", None) or base.example_inputs)
+    inputs = split_inputs(getattr(structured.einrewrite_report, "example_inputs", None) or base.example_inputs)
     inputs = inputs or default_example_inputs(base.model)
     if inputs is None:
         raise ConfigError(

@@ -34,6 +34,7 @@ from .denormals import flushing_denormals
 from .errors import ExportError
 from .external_ops import known_translations
 from .handoff import hand_off_feature_major
+from .inputs import default_example_inputs, split_inputs
 from .lowering import ONNX_TRANSLATIONS, is_lowered_weight, onnx_lowering
 from .moe import BTTMoELinear
 from .moe_lowering import MoEGrouping, check_grouping, chooses_by_token_count
@@ -211,7 +212,7 @@ def onnxruntime_session(
 
 def export_onnx(
     model: nn.Module,
-    example_inputs: tuple[Any, ...] | Tensor,
+    example_inputs: Any,
     path: str | Path,
     *,
     example_kwargs: dict[str, Any] | None = None,
@@ -230,10 +231,14 @@ def export_onnx(
 
     Args:
         model: any module, structured or not; it is copied, never modified.
-        example_inputs: positional inputs (a tensor or a tuple).
+        example_inputs: what ``model`` is run with, as for :func:`~einrewrite.rewrite`: a tensor, a tuple or list of
+            positional inputs, a dict of keyword inputs (such as a tokenizer's output) or an
+            :class:`~einrewrite.inputs.Inputs`. ``None``: a Hugging Face model's dummy inputs from its config
+            (:func:`~einrewrite.default_example_inputs`).
         path: where to write the ``.onnx`` file (weights may go to ``path + ".data"``).
-        example_kwargs: keyword inputs. A model whose config caches keys and values (Hugging Face decoders) is
-            exported with ``use_cache=False`` unless they give ``use_cache`` (``report.inputs_added``).
+        example_kwargs: keyword inputs, added to those of ``example_inputs``. A model whose config caches keys and
+            values (Hugging Face decoders) is exported with ``use_cache=False`` unless the inputs give
+            ``use_cache`` (``report.inputs_added``).
         dynamic_axes: every axis of every input is dynamic except the feature (last) axis of float inputs,
             so batch and sequence length may change at run time. Where the example has size 1 on such an axis
             (a batch of one), torch.export would fix that size: the model is captured from the example doubled
@@ -282,8 +287,17 @@ def export_onnx(
     check_grouping(moe_grouping)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    kwargs = dict(example_kwargs or {})
+    inputs = split_inputs(example_inputs)
+    if inputs is None and not example_kwargs:
+        inputs = default_example_inputs(model)
+        if inputs is None:
+            raise ExportError(
+                f"{type(model).__name__}: no example inputs, and it is not a Hugging Face model with a config to "
+                "make them from; pass example_inputs (a tensor, a tuple of positional inputs or a dict of keyword "
+                "inputs)"
+            )
+    args = tuple(inputs.args) if inputs else ()
+    kwargs = {**(inputs.kwargs if inputs else {}), **(example_kwargs or {})}
     # torch.export's shape guards fail on strided views (e.g. ids[:2, :8]): export with compact copies
     args, kwargs = tree_map(lambda t: t.contiguous() if isinstance(t, Tensor) else t, (args, kwargs))
     added = _without_kv_cache(model, args, kwargs)
@@ -502,7 +516,7 @@ def export_saved(
     Examples:
         >>> report = export_saved("out/tiny_gpt_btt", "out/tiny_gpt_btt.onnx")  # doctest: +SKIP
     """
-    from .api import _split_inputs, default_example_inputs, load_pretrained
+    from .api import load_pretrained
 
     path = Path(path)
     data = path.with_name(path.name + ".data")
@@ -513,7 +527,7 @@ def export_saved(
     if check:
         resolve_providers(providers)  # fail before the (slow) load and export
     model = load_pretrained(out_dir).eval()
-    inputs = _split_inputs(getattr(model.einrewrite_report, "example_inputs", None)) or default_example_inputs(model)
+    inputs = split_inputs(getattr(model.einrewrite_report, "example_inputs", None)) or default_example_inputs(model)
     if inputs is None:
         raise ExportError(
             f"{out_dir}: no example inputs to export with (none saved, no factory inputs, not a Hugging Face "

@@ -167,6 +167,35 @@ def test_model_is_not_modified(tmp_path: Path) -> None:
     assert next(model.parameters()).dtype == torch.float32
 
 
+class _IdsAndMask(nn.Module):
+    """Embeds token ids and zeroes the masked positions: two inputs, one of them keyword-only in practice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.proj = EinsumLinear(structure("monarch", 16, 16))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        h = self.proj(self.embed(input_ids))  # (B, T, 16)
+        return h if attention_mask is None else h * attention_mask[..., None]
+
+
+def test_example_inputs_may_be_keyword_inputs_as_for_rewrite(tmp_path: Path) -> None:
+    """A dict (a tokenizer's output), merged with ``example_kwargs``; both inputs stay inputs of the graph."""
+    ids, mask = torch.randint(0, 32, (2, 8)), torch.ones(2, 8)
+    path = tmp_path / "kw.onnx"
+    report = export_onnx(_IdsAndMask(), {"input_ids": ids}, path, example_kwargs={"attention_mask": mask})
+    assert report.checked
+    assert [i.name for i in onnxruntime_session(path).get_inputs()] == ["input_ids", "attention_mask"]
+
+
+def test_without_example_inputs_a_hugging_face_model_exports_from_its_config(tmp_path: Path) -> None:
+    report = export_onnx(models.tiny_bert(), None, tmp_path / "bert.onnx")
+    assert report.checked and report.checked_shapes[0] == [2, 8]  # default_example_inputs: a batch of 2 x 8 ids
+    with pytest.raises(ExportError, match=r"Sequential: no example inputs.*pass example_inputs \(a tensor"):
+        export_onnx(nn.Sequential(nn.Linear(4, 4)), None, tmp_path / "none.onnx")
+
+
 def test_exporter_failure_is_an_export_error_naming_the_op_and_layer(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(3, 3), models.Untranslatable())
     with pytest.raises(ExportError, match=r"failed at op einrewrite_test[.:]+mystery\S* in layer '1'.*"
