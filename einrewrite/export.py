@@ -274,8 +274,9 @@ def export_onnx(
         An :class:`ExportReport`; ``report.summary()`` prints it.
 
     Raises:
-        ExportError: the exporter failed (the message names the op), the checker or ONNX Runtime rejected the
-            model, or the outputs differ from PyTorch.
+        ExportError: no example inputs and none to make, the exporter failed (the message names the op), the
+            checker or ONNX Runtime rejected the model, or the outputs differ from PyTorch.
+        ConfigError: ``example_inputs`` of none of the forms above.
 
     Examples:
         >>> import torch, einrewrite as er
