@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import einrewrite as er
+from einrewrite import export as export_module
 from einrewrite import moe_lowering
 from einrewrite.errors import ExportError
 from einrewrite.lowering import is_lowered_weight
@@ -134,8 +135,11 @@ def test_two_layers_choosing_by_token_count_export_one_if_each_with_names_unique
     assert len(names) == len(set(names))
     onnx.checker.check_model(proto, full_check=True)
     for layer, node in zip(("0", "2"), (n for n in proto.graph.node if n.op_type == "If"), strict=True):
-        for branch in (a.g for a in node.attribute):  # each branch node names its layer, as its If does
-            assert {n.name: _scopes(n)[-2] for n in branch.node} == {n.name: layer for n in branch.node}
+        for branch in (a.g for a in node.attribute):  # an error at any branch node names the If's layer
+            assert not any(_scopes(n) for n in branch.node)  # from the If's metadata, not copies of it
+            assert {export_module._located(str(path), n.name) for n in branch.node} == {
+                f"{n.name!r} in layer {layer!r}" for n in branch.node
+            }
     for tokens in (5, 24, 70):
         x = torch.randn(1, tokens, 64)
         with torch.no_grad():
