@@ -75,7 +75,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import einrewrite as er  # noqa: E402
 from einrewrite.bench import round_ratios, time_rounds  # noqa: E402
-from einrewrite.export import onnxruntime_session  # noqa: E402
+from einrewrite.export import node_module_scopes, onnxruntime_session  # noqa: E402
 from einrewrite.tables import format_table  # noqa: E402
 from tiny_gpt import build  # noqa: E402
 
@@ -196,22 +196,11 @@ class Profile:
 
 def node_layers(path: Path, layers: set[str]) -> dict[str, bool]:
     """Each node of the exported model (those inside an ``If`` too) -> whether it belongs to one of ``layers``,
-    read from the exporter's ``pkg.torch.onnx.name_scopes`` metadata."""
+    read from the module paths the exporter recorded (:func:`einrewrite.export.node_module_scopes`)."""
     import onnx
 
-    inside: dict[str, bool] = {}
-
-    def walk(graph: Any, owner: bool | None) -> None:
-        for node in graph.node:
-            scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-            mine = owner if owner is not None else any(f"'{layer}'" in scopes for layer in layers)
-            inside[node.name] = mine
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.GRAPH:
-                    walk(attribute.g, mine)
-
-    walk(onnx.load(str(path), load_external_data=False).graph, None)
-    return inside
+    scopes = node_module_scopes(onnx.load(str(path), load_external_data=False))
+    return {node: any(f"'{layer}'" in text for layer in layers) for node, text in scopes.items()}
 
 
 def profile_model(

@@ -45,6 +45,7 @@ __all__ = [
     "ExportReport",
     "export_onnx",
     "export_saved",
+    "node_module_scopes",
     "onnxruntime_session",
     "resolve_providers",
 ]
@@ -1091,13 +1092,14 @@ def _located(path: str, name: str) -> str:
         proto = onnx.load(path, load_external_data=False)
     except Exception:  # the layer is a courtesy: the run error is reported either way
         return repr(name)
-    scopes = _name_scopes(proto).get(name, "[]")
+    scopes = node_module_scopes(proto).get(name, "[]")
     modules = [scope for scope in ast.literal_eval(scopes)[:-1] if scope]  # module FQNs, outermost first; then the op
     return f"{name!r} in layer {modules[-1]!r}" if modules else repr(name)
 
 
-def _name_scopes(proto: Any) -> dict[str, str]:
-    """Each node's name -> the module path the exporter recorded for it (``pkg.torch.onnx.name_scopes``). A node
+def node_module_scopes(proto: Any) -> dict[str, str]:
+    """Each node's name -> the module path the exporter recorded for it (``pkg.torch.onnx.name_scopes``, the text
+    of a list: the module FQNs, outermost first, then the op) in ``proto`` (an ``onnx.ModelProto``). A node
     in a branch of an ``If`` without one (those a translation records, such as a BTT-MoE layer's groupings) takes
     its ``If``'s: looked up here rather than copied into the file, where the copies cost the d=1024 benchmark GPT's
     BTT-MoE export 5.7 MiB and its ONNX Runtime session 22 MiB."""
